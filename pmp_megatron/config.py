@@ -1,0 +1,415 @@
+"""Typed run configuration for pmp_megatron.
+
+A run is described by one ``Config`` made of nested dataclasses (model, parallel, pmp, data, optim,
+train, checkpoint, logging). Values are merged lingua-style: dataclass defaults <- YAML file(s)
+(with recursive ``include:`` lists) <- dotted CLI overrides such as ``model.num_layers=4``.
+Every value is type-checked against its field annotation and the whole config is cross-checked by
+``Config.validate``; each problem raises one ``ValueError`` that names the dotted field.
+Stdlib + PyYAML only: this module must stay importable without torch or megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ModelConfig", "ParallelConfig", "DiscoveryConfig", "PMPConfig", "DataConfig", "OptimConfig",
+    "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
+    "load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "load_yaml",
+]
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # model width
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: int = 2  # GQA groups = number of KV heads
+    ffn_hidden_size: int = 176  # SwiGLU intermediate size
+    vocab_size: int = 512  # the tokenizer's real vocabulary size (unpadded)
+    make_vocab_size_divisible_by: int = 128  # embedding rows are padded to a multiple of this * TP
+    seq_length: int = 64  # training sequence length (also the RoPE max positions)
+    rotary_base: float = 10000.0  # RoPE theta
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon
+    init_method_std: float = 0.02  # std of the normal weight init
+    untie_embeddings: bool = True  # separate input embedding and output projection
+    transformer_impl: Literal["local", "transformer_engine"] = "local"  # megatron layer spec backend
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter / compute dtype
+    fp8: Literal["hybrid", "e4m3"] | None = None  # FP8 format (needs transformer_engine)
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # FP8 scaling recipe
+    recompute_granularity: Literal["full", "selective"] | None = None  # activation recomputation
+    recompute_num_layers: int = 1  # layers per recompute chunk (granularity "full")
+    seed: int = 42  # seed for weight initialisation
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocab rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (megatron rule)."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1  # TP degree
+    pipeline_model_parallel_size: int = 1  # PP degree
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per PP rank (interleaving)
+    sequence_parallel: bool = False  # megatron sequence parallelism (needs TP > 1)
+    use_distributed_optimizer: bool = False  # ZeRO-1 style sharded optimizer state
+    overlap_grad_reduce: bool = False  # overlap DP grad reduce-scatter/all-reduce with backward
+    overlap_param_gather: bool = False  # overlap distributed-optimizer param all-gather with forward
+    data_parallel_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"  # ckpt format
+
+
+@dataclass
+class DiscoveryConfig:
+    max_steps: int = 500  # upper bound on mask-discovery steps
+    iou_threshold: float = 0.99  # mask IoU between checks that counts as "stable"
+    patience: int = 5  # consecutive stable checks needed to stop discovery
+    lr: float = 2e-5  # learning rate during discovery
+    clip_grad: float = 1.0  # gradient-norm clip during discovery
+
+
+@dataclass
+class PMPConfig:
+    mode: Literal["pmp", "dense"] = "pmp"  # private-mask pre-training or plain dense baseline
+    rho: float | None = None  # fraction of weights in the private mask; required (0, 1] for mode pmp
+    complement: Literal["decay", "frozen"] = "decay"  # treatment of weights outside the mask
+    projection: bool = False  # periodically project complement weights into a ball
+    projection_radius: float = 2.0  # projection radius R
+    projection_interval: int = 400  # projection period tau, in steps
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # mask discovery phase
+
+
+@dataclass
+class DataConfig:
+    corpus: str | list[str] = "builtin:prose"  # builtin corpus name or list of text file paths
+    tokenizer_model: str | None = None  # tokenizer path/name (None: builtin byte-level tokenizer)
+    data_path: list[str | float] | None = None  # megatron prefixes, or weight/prefix pairs
+    split: str = "98,1,1"  # train/valid/test split weights
+    num_workers: int = 2  # dataloader workers
+    cache_dir: str | None = None  # where tokenised/indexed data is cached
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5  # peak learning rate
+    min_lr: float = 0.0  # final learning rate after decay
+    weight_decay: float = 0.1  # AdamW weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 disables)
+    lr_warmup_steps: int = 2000  # linear warmup steps
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # schedule after warmup
+    loss_scale: float | None = None  # static loss scale for fp16 (None: dynamic)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4  # sequences per micro-batch per DP rank
+    global_batch_size: int = 32  # sequences per optimizer step across all DP ranks
+    train_steps: int = 20000  # optimizer steps
+    eval_interval: int = 1000  # steps between evaluations
+    eval_steps: int = 10  # batches per evaluation
+    seed: int = 42  # seed for data order and dropout
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # checkpoint directory (None: no checkpointing)
+    save_interval: int = 1000  # steps between saves
+    keep_last: int = 2  # number of recent checkpoints kept
+    save_init: bool = False  # also save the step-0 (initial) weights
+    async_save: bool = False  # write checkpoints asynchronously
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10  # steps between log lines
+    tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled)
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # python logging level
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # model/data parallel layout
+    pmp: PMPConfig = field(default_factory=PMPConfig)  # private-mask pre-training
+    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # batch sizes and step counts
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # logging
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP degree = world_size / (TP * PP); ValueError if it does not divide."""
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        if world_size < 1 or world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size * "
+                f"parallel.pipeline_model_parallel_size = {mp}")
+        return world_size // mp
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each DP rank."""
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Cross-field checks; raises one ValueError naming the offending field(s). Returns self."""
+        m, p, pmp, t = self.model, self.parallel, self.pmp, self.train
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        vpp = p.virtual_pipeline_model_parallel_size
+        for name in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                     "model.num_query_groups", "model.ffn_hidden_size", "model.vocab_size",
+                     "model.make_vocab_size_divisible_by", "model.seq_length", "model.recompute_num_layers",
+                     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                     "train.micro_batch_size", "train.global_batch_size", "logging.log_interval",
+                     "checkpoint.save_interval", "pmp.projection_interval", "pmp.discovery.patience"):
+            _check(_get(self, name) >= 1, f"{name} must be >= 1, got {_get(self, name)}")
+        _check(m.num_attention_heads % m.num_query_groups == 0,
+               f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+               f"model.num_query_groups ({m.num_query_groups})")
+        _check(m.hidden_size % m.num_attention_heads == 0,
+               f"model.hidden_size ({m.hidden_size}) must be divisible by "
+               f"model.num_attention_heads ({m.num_attention_heads})")
+        for name in ("num_attention_heads", "num_query_groups"):
+            value = getattr(m, name)
+            _check(value % tp == 0,
+                   f"parallel.tensor_model_parallel_size ({tp}) must divide model.{name} ({value})")
+        _check(m.num_layers % pp == 0,
+               f"parallel.pipeline_model_parallel_size ({pp}) must divide model.num_layers ({m.num_layers})")
+        if vpp is not None:
+            _check(vpp >= 1, f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vpp}")
+            _check(pp > 1, "parallel.virtual_pipeline_model_parallel_size requires "
+                           f"parallel.pipeline_model_parallel_size > 1, got {pp}")
+            _check(m.num_layers % (pp * vpp) == 0,
+                   f"model.num_layers ({m.num_layers}) must be divisible by "
+                   f"parallel.pipeline_model_parallel_size * parallel.virtual_pipeline_model_parallel_size "
+                   f"({pp} * {vpp})")
+        _check(not p.sequence_parallel or tp > 1,
+               "parallel.sequence_parallel requires parallel.tensor_model_parallel_size > 1")
+        _check(m.fp8 is None or m.transformer_impl == "transformer_engine",
+               f"model.fp8={m.fp8!r} requires model.transformer_impl='transformer_engine'")
+        _check(t.global_batch_size % t.micro_batch_size == 0,
+               f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+               f"train.micro_batch_size ({t.micro_batch_size})")
+        if world_size is not None:
+            dp = self.data_parallel_size(world_size)
+            _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                   f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                   f"train.micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp})")
+        _check(pmp.mode != "pmp" or pmp.rho is not None, "pmp.rho is required when pmp.mode is 'pmp'")
+        _check(pmp.rho is None or 0.0 < pmp.rho <= 1.0, f"pmp.rho must be in (0, 1], got {pmp.rho}")
+        _check(pmp.projection_radius > 0, f"pmp.projection_radius must be > 0, got {pmp.projection_radius}")
+        iou = pmp.discovery.iou_threshold
+        _check(0.0 < iou <= 1.0, f"pmp.discovery.iou_threshold must be in (0, 1], got {iou}")
+        steps = pmp.discovery.max_steps
+        _check(steps >= 0, f"pmp.discovery.max_steps must be >= 0, got {steps}")
+        return self
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------- YAML I/O
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _deep_merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving ``include:`` (paths relative to the file) before its own keys."""
+    path = Path(path).resolve()
+    if path in _stack:
+        chain = " -> ".join(str(p) for p in (*_stack, path))
+        raise ValueError(f"config include cycle: {chain}")
+    with open(path) as f:
+        data = yaml.load(f, Loader=_Loader)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must contain a mapping, got {type(data).__name__}")
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, load_yaml(path.parent / inc, (*_stack, path)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML; a leading ``--`` is allowed)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise ValueError(f"config override {item!r} must look like 'section.field=value'")
+        *parents, leaf = key.strip().split(".")
+        value = _parse_value(text)
+        out = _deep_merge(out, _nest(parents, leaf, value))
+    return out
+
+
+def _nest(parents: list[str], leaf: str, value: Any) -> dict:
+    node = {leaf: value}
+    for part in reversed(parents):
+        node = {part: node}
+    return node
+
+
+# ----------------------------------------------------------------------------- typed construction
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "None"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list[{_describe(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        for arm in args:
+            try:
+                return _coerce(value, arm)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, args[0]) for v in value]
+    if tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = type(value) is bool
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        ok = isinstance(value, float)
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r}")
+    if not ok:
+        raise _Mismatch
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = f"config section '{prefix}'" if prefix else "config"
+        raise ValueError(f"{where} expects a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown config field '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _Mismatch:
+            raise ValueError(f"config field '{dotted}' expects {_describe(tp)}, "
+                             f"got {type(value).__name__} {value!r}") from None
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def config_from_dict(d: dict | None, world_size: int | None = None) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict; missing keys take defaults."""
+    return _build(Config, {} if d is None else d, "").validate(world_size)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of every field (inverse of ``config_from_dict``)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+                overrides: Sequence[str] = (), world_size: int | None = None) -> Config:
+    """defaults <- YAML file(s) (merged in order, with includes) <- dotted overrides; then validate."""
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    data: dict = {}
+    for p in paths:
+        data = _deep_merge(data, load_yaml(p))
+    return config_from_dict(apply_overrides(data, overrides), world_size)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the fully resolved config as YAML (loadable again with ``load_config``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# resolved pmp_megatron config\n")
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,164 @@
+"""The one adapter through which pmp_megatron reaches megatron-core.
+
+Every megatron-core import of the package lives here, so an upstream move (GPTModel -> HybridModel,
+a renamed optimizer builder) touches this file only. It also owns process-group setup: torch.distributed
+from the launcher's environment (torchrun, srun, or our test harness), then megatron's model-parallel
+groups, with the CPU shim activated first when there is no CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pmp_megatron.compat import cpu as cpu_shim
+
+# megatron-core warns at import that TE/apex are absent; we know (they are the optional `gpu` extra).
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+import megatron.core  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402,F401
+from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402,F401
+from megatron.core.distributed import (  # noqa: E402,F401
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt import GPTModel  # noqa: E402,F401
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402,F401
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402,F401
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
+from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402,F401
+from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402,F401
+
+logger = logging.getLogger(__name__)
+
+MCORE_VERSION = megatron.core.__version__
+_SUPPORTED = ("0.19",)
+if not MCORE_VERSION.startswith(_SUPPORTED):
+    warnings.warn(f"pmp_megatron is tested with megatron-core {_SUPPORTED}, found {MCORE_VERSION}",
+                  stacklevel=2)
+
+try:  # Transformer Engine is the optional `gpu` extra; it needs CUDA to import.
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = torch.cuda.is_available()
+except Exception:  # noqa: BLE001 - any import failure means "no TE"
+    HAVE_TE = False
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or srun).
+
+    NCCL when CUDA is available, gloo otherwise (with the CPU shim). A single process without those
+    variables gets a world of one on a free local port.
+    """
+    cpu_shim.activate()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend="nccl" if torch.cuda.is_available() else "gloo",
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_model_parallel(tp: int, pp: int, vpp: int | None = None, seed: int = 42) -> None:
+    """Create megatron's TP/PP/DP groups (order tp-cp-ep-dp-pp) and seed its RNG tracker."""
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    parallel_state.destroy_model_parallel()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
+def tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def pp_group():
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def dp_group():
+    return parallel_state.get_data_parallel_group()
+
+
+def model_parallel_group():
+    """TP x PP ranks holding one full copy of the model."""
+    return parallel_state.get_model_parallel_group()
+
+
+def is_pipeline_first_stage(vp_stage: int | None = None) -> bool:
+    return parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+
+def is_pipeline_last_stage(vp_stage: int | None = None) -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)

@@ -1,0 +1,105 @@
+"""Helpers for tests and benchmarks: run a function in N gloo processes on this machine (no torchrun),
+the debug model's config, and deterministic synthetic batches.
+
+``spawn`` uses a forkserver that has already imported megatron-core, so each worker starts in well
+under a second instead of re-importing it; workers get one intra-op thread each (the machine has 2 cores).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEBUG_MODEL = REPO / "configs" / "model" / "debug.yaml"
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["pmp_megatron.mcore", "pmp_megatron.model.gpt"])
+    return _CTX
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        buf = io.BytesIO()  # bytes, not shared-memory tensors: this process may exit before the read
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """Run ``fn(*args)`` on ``world_size`` processes with RANK/WORLD_SIZE/MASTER_* set; return the
+    per-rank results (rank order). ``fn`` must be importable (module level). Raises with the first
+    failing rank's traceback."""
+    ctx = _context()
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def debug_config(overrides=(), world_size: int | None = None):
+    """The debug model (configs/model/debug.yaml) in dense mode with ``overrides``."""
+    from pmp_megatron.config import load_config
+
+    base = ["pmp.mode=dense", "optim.lr_warmup_steps=0"]
+    return load_config(str(DEBUG_MODEL), [*base, *overrides], world_size=world_size)
+
+
+def synthetic_batches(cfg, num_microbatches: int, micro_batch_size: int, seed: int = 0) -> list[dict]:
+    """Deterministic random-token microbatches for the model's vocabulary and sequence length."""
+    gen = torch.Generator().manual_seed(seed)
+    s = cfg.model.seq_length
+    out = []
+    for _ in range(num_microbatches):
+        seq = torch.randint(0, cfg.model.vocab_size, (micro_batch_size, s + 1), generator=gen)
+        out.append({
+            "tokens": seq[:, :-1].contiguous(),
+            "labels": seq[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro_batch_size, s),
+            "position_ids": torch.arange(s).expand(micro_batch_size, s).contiguous(),
+        })
+    return out

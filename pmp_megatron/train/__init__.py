@@ -1,0 +1,1 @@
+"""Training: one step on megatron-core, the Trainer, optimizer and schedule, checkpoints, signals."""

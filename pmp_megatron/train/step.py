@@ -1,0 +1,92 @@
+"""One training step on megatron-core: DDP wrapping, the forward step / loss, and forward-backward through
+megatron's pipeline schedules (no pipelining, 1F1B, or interleaved), shared by the Trainer, Stage I
+discovery, the benchmarks and the parity tests.
+
+A batch is a dict of ``tokens``, ``labels``, ``loss_mask`` and ``position_ids``, each ``[b, s]``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from pmp_megatron import mcore
+from pmp_megatron.config import Config
+
+
+def wrap_ddp(chunks, cfg: Config) -> list:
+    """megatron DDP around each chunk; grads then accumulate in ``param.main_grad``.
+
+    ``finalize_model_grads`` (DP reduction, TP all-reduce of SP norms, tied-embedding sync) runs at the
+    end of each forward-backward; PMP wraps it to mask gradients after the reduction.
+    """
+    p = cfg.parallel
+    ddp_config = mcore.DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        bucket_size=None if p.overlap_grad_reduce else 10**12,
+    )
+    model = [
+        mcore.DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                      disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    tcfg = chunks[0].config
+    tcfg.finalize_model_grads_func = mcore.finalize_model_grads
+    tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    tcfg.grad_sync_func = None
+    if p.overlap_param_gather and p.use_distributed_optimizer:
+        tcfg.param_sync_func = [m.start_param_sync for m in model]
+    return model
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of token losses over the microbatch; the schedule divides by the token count."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    """megatron's forward_step_func: one microbatch through one model chunk."""
+    batch = next(data_iterator)
+    dev = mcore.device()
+    output = model(
+        batch["tokens"].to(dev),
+        batch["position_ids"].to(dev),
+        None,
+        labels=batch["labels"].to(dev),
+    )
+    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+
+
+def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward_only: bool = False) -> float:
+    """Run all ``microbatches`` through the pipeline schedule; return the mean token loss on every rank.
+
+    ``model`` is the list of (DDP-wrapped) chunks. Each chunk gets its own iterator over the same
+    microbatches: every chunk sees every microbatch once, in order, under every schedule.
+    """
+    iters = [iter(microbatches) for _ in model]
+    seq_len = microbatches[0]["tokens"].shape[1]
+    reduced = mcore.get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(model) > 1 else iters[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    # Loss lives on the last pipeline stage: sum (loss, tokens) there, then share over PP and DP.
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in reduced or []:
+        total += item["lm loss"].double().cpu()
+    dist.all_reduce(total, group=mcore.pp_group())
+    dist.all_reduce(total, group=mcore.dp_group())
+    return (total[0] / total[1]).item()
