@@ -103,3 +103,31 @@ def synthetic_batches(cfg, num_microbatches: int, micro_batch_size: int, seed: i
             "position_ids": torch.arange(s).expand(micro_batch_size, s).contiguous(),
         })
     return out
+
+
+def init_debug_model(overrides=(), world_size: int | None = None):
+    """In a spawned worker: init megatron's groups for the debug config and build its chunks at W0."""
+    from pmp_megatron import mcore
+    from pmp_megatron.model.gpt import build_model
+
+    cfg = debug_config(overrides, world_size)
+    mcore.init_distributed()
+    p = cfg.parallel
+    mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                              p.virtual_pipeline_model_parallel_size, cfg.model.seed)
+    return cfg, build_model(cfg)
+
+
+def attach_random_masks(chunks, cfg, density: float, seed: int = 7) -> None:
+    """Attach masks drawn per global tensor (keyed by canonical name), identical at every layout."""
+    import hashlib
+
+    from pmp_megatron.model.params import shard_infos
+    from pmp_megatron.pmp import masks
+
+    local = {}
+    for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+        full = torch.rand(info.global_shape, generator=torch.Generator().manual_seed(key)) < density
+        local[name] = info.to_local(full, param.shape)
+    masks.attach(chunks, cfg.model.vocab_size, local)

@@ -1,0 +1,102 @@
+"""Per-shard PMP masks, owned by the parameters they mask.
+
+Each parameter of every model chunk (TP-sharded or replicated, every PP and virtual stage, embeddings and
+output layer included) carries ``param.pmp_mask``: a bool tensor of the parameter's LOCAL shape, True =
+trainable (kept). Padded vocabulary rows are always False.
+
+For checkpoints the masks' sharded state MIRRORS each weight's own sharded state: the same global shape,
+offsets, replica id and -- for SwiGLU ``linear_fc1``, whose TP shard is ``[gate_r; up_r]`` -- the same
+ShardedTensorFactory, only with the key prefixed and the data swapped for the mask. dist_checkpointing
+therefore reshards masks on load exactly as it reshards weights (a mask kept as a plain buffer would be
+resharded wrongly at a TP change, or dropped by VocabParallelEmbedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pmp_megatron import mcore
+from pmp_megatron.model.params import shard_infos
+
+MASK_PREFIX = "pmp_mask."
+
+
+def attach(chunks, vocab_size: int, masks: dict[str, torch.Tensor]) -> None:
+    """Give every parameter its mask (``masks``: canonical name -> local bool tensor)."""
+    infos = shard_infos(chunks, vocab_size)
+    missing = sorted(set(infos) - set(masks))
+    if missing:
+        raise ValueError(f"no PMP mask for parameter(s) {missing[:3]}")
+    for name, (param, info) in infos.items():
+        mask = masks[name].to(device=param.device, dtype=torch.bool)
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"PMP mask for {name} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}"
+            )
+        param.pmp_mask = mask & info.real(param.shape, device=param.device)
+
+
+def local_masks(chunks, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Canonical name -> this rank's mask shard."""
+    return {name: param.pmp_mask for name, (param, _) in shard_infos(chunks, vocab_size).items()}
+
+
+def has_masks(chunks) -> bool:
+    return all(hasattr(p, "pmp_mask") for chunk in chunks for p in chunk.parameters())
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def sharded_state_dict(chunks, empty: bool = False) -> dict:
+    """Sharded state of the masks, mirroring each weight's own sharded state (see module docstring).
+
+    ``empty=True`` gives fresh tensors to load into (then call ``attach_loaded``); otherwise the data are
+    the parameters' current masks. Keys are the weights' checkpoint keys with ``pmp_mask.`` in front.
+    """
+    out = {}
+    for i, chunk in enumerate(chunks):
+        by_ptr = {p.data_ptr(): p for p in _unwrap(chunk).parameters()}
+        for key, sh in _unwrap(chunk).sharded_state_dict().items():
+            data = getattr(sh, "data", None)
+            if not isinstance(data, torch.Tensor) or data.data_ptr() not in by_ptr:
+                continue
+            param = by_ptr[data.data_ptr()]
+            if data.shape != param.shape:  # a view of a fused buffer, not the parameter itself
+                continue
+            mask = param.pmp_mask
+            if empty:
+                mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            # ShardedTensor and ShardedTensorFactory (SwiGLU fc1) alike: same placement, other key/data.
+            fields = dict(key=MASK_PREFIX + sh.key, data=mask)
+            if hasattr(sh, "dtype"):
+                fields["dtype"] = torch.bool
+            mirrored = dataclasses.replace(sh, **fields)
+            out[f"chunk{i}.{key}"] = mirrored
+            mirrored.pmp_param = param
+    return out
+
+
+def attach_loaded(loaded: dict, template: dict) -> None:
+    """Put masks loaded by dist_checkpointing (into ``template`` from ``sharded_state_dict(empty=True)``)
+    onto their parameters."""
+    for key, sh in template.items():
+        value = loaded[key]
+        sh.pmp_param.pmp_mask = value.to(torch.bool) if isinstance(value, torch.Tensor) else value.data.bool()
+
+
+def density(chunks, vocab_size: int) -> float:
+    """Fraction of real parameters masked in (counted once over the model-parallel group)."""
+    import torch.distributed as dist
+
+    kept = torch.zeros(2, dtype=torch.float64)
+    for param, info in shard_infos(chunks, vocab_size).values():
+        if info.counted:
+            kept[0] += param.pmp_mask.sum().item()
+            kept[1] += info.numel()
+    if dist.is_initialized():
+        dist.all_reduce(kept, group=mcore.model_parallel_group())
+    return (kept[0] / kept[1]).item()

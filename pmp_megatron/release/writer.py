@@ -1,0 +1,176 @@
+"""Write a Hugging Face Llama release directory from a stream of (HF name, tensor) pairs.
+
+The writer is the last gate before weights leave the owner: it accepts exactly the parameters of
+``hf_llama.hf_names(model_cfg)`` as floating tensors, each once, and refuses anything else (a mask, a
+planted extra tensor, a bool/integer tensor, a duplicate, a missing parameter) with a ``ValueError``
+naming the tensor. Tensors are cast to the release dtype and buffered one shard at a time
+(``max_shard_bytes``), so peak memory is about one shard. The directory is assembled beside ``out_dir``
+and renamed into place, so a reader never sees a half-written release.
+
+Layout: ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``),
+``config.json``, ``generation_config.json``, tokenizer files, and ``release_manifest.json`` listing every
+tensor with shape, dtype, file and the sha256 of its bytes as written, plus the ``source`` record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pmp_megatron.config import ModelConfig
+from pmp_megatron.release import tokenizer as hf_tokenizer
+from pmp_megatron.release.hf_llama import hf_config, hf_shapes, torch_dtype
+
+MANIFEST = "release_manifest.json"
+FORMAT = "pmp_megatron.release/1"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw little-endian bytes (exactly what safetensors stores)."""
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Buffers tensors up to ``max_bytes`` and flushes each full buffer to its own safetensors file."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.files: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.buffer and self.buffered + size > self.max_bytes:
+            self.flush()
+        self.buffer[name] = t
+        self.buffered += size
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.directory / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)  # safetensors creates 0600; a release is meant to be read by others
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.buffered = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Rename the shards to their HF names; return tensor name -> file name."""
+        self.flush()
+        n = len(self.files)
+        where = {}
+        for k, (path, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.directory / final)
+            where.update(dict.fromkeys(names, final))
+        return where
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"release output {str(out_dir)!r} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"release output {str(out_dir)!r} is not empty (pass overwrite=True to replace it)")
+
+
+def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, model_cfg: ModelConfig,
+                  dtype: str, source: dict, tokenizer_model: str | None = None,
+                  max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+    """Consume (HF name, tensor) pairs and write the release directory ``out_dir``; return its path."""
+    out_dir = Path(out_dir).resolve()
+    cast = torch_dtype(dtype)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    _check_target(out_dir, overwrite)
+    bos, eos = 1, 2
+    if tokenizer_model is not None:
+        ids = hf_tokenizer.special_token_ids(tokenizer_model)
+        bos, eos = ids["bos"], ids["eos"]
+        size = hf_tokenizer.vocab_size(tokenizer_model)
+        if size > model_cfg.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_model!r} has {size} pieces, more than "
+                             f"model.vocab_size={model_cfg.vocab_size}")
+    expected = hf_shapes(model_cfg)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards = _ShardWriter(tmp, max_shard_bytes)
+        records: dict[str, dict] = {}
+        for name, t in tensors:
+            if name not in expected:
+                raise ValueError(f"refusing to release tensor {name!r}: not a parameter of the HF Llama "
+                                 f"model (masks and extra tensors are never written)")
+            if name in records:
+                raise ValueError(f"refusing to release tensor {name!r}: given twice")
+            if not t.is_floating_point():
+                raise ValueError(f"refusing to release tensor {name!r}: dtype {t.dtype} is not a floating "
+                                 f"point weight (a mask?)")
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
+            t = t.detach().to("cpu", cast).contiguous()
+            records[name] = {"shape": list(t.shape), "dtype": dtype, "sha256": tensor_sha256(t)}
+            shards.add(name, t)
+        missing = [n for n in expected if n not in records]
+        if missing:
+            raise ValueError(f"release is missing HF tensors: {missing}")
+        where = shards.finish()
+
+        files = sorted(set(where.values()))
+        if len(files) > 1:
+            total = sum(math.prod(s) for s in expected.values()) * cast.itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = hf_config(model_cfg, dtype, bos, eos)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": bos, "eos_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer_model is not None:
+            hf_tokenizer.write_tokenizer(tokenizer_model, tmp, model_max_length=model_cfg.seq_length)
+
+        for name, rec in records.items():
+            rec["file"] = where[name]
+        manifest = {
+            "format": FORMAT,
+            "dtype": dtype,
+            "num_parameters": sum(math.prod(s) for s in expected.values()),
+            "source": source,
+            "tensors": {n: records[n] for n in expected},
+            "files": {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _swap_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out_dir``, replacing an empty directory, or any directory with ``overwrite``."""
+    _check_target(out_dir, overwrite)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)

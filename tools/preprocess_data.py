@@ -1,0 +1,76 @@
+"""Tokenize documents into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx), optionally training the
+SentencePiece tokenizer on the same inputs first.
+
+    python tools/preprocess_data.py --input builtin:prose --output-prefix data/prose \
+        --tokenizer-model data/tok.model --train-tokenizer --vocab-size 4096 --workers 2
+
+Inputs: ``builtin:<domain>`` (see pmp_megatron.data.corpora), JSONL files (.jsonl/.json; the text under
+--json-key) or plain text files (one document per file; per blank-line-separated paragraph with
+--split-paragraphs). All inputs go into one output dataset; run once per dataset to blend several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", required=True, metavar="FILE_OR_builtin:DOMAIN",
+                        help="a document source; repeat for several (they are concatenated in order)")
+    parser.add_argument("--output-prefix", required=True,
+                        help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
+    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model to use (or to write)")
+    parser.add_argument("--train-tokenizer", action="store_true",
+                        help="train the tokenizer on the inputs first and write it to --tokenizer-model")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                        help="SentencePiece model type for --train-tokenizer")
+    parser.add_argument("--tokenizer-max-sentences", type=int, default=2_000_000,
+                        help="lines (the first ones) used to train the tokenizer")
+    parser.add_argument("--json-key", default="text", help="the text field of JSONL inputs")
+    parser.add_argument("--split-paragraphs", action="store_true",
+                        help="plain text inputs: one document per blank-line-separated paragraph")
+    parser.add_argument("--max-docs", type=int, help="documents taken from each input at most")
+    parser.add_argument("--max-chars", type=int, help="characters kept from each document at most")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="tokenizer processes (the output does not depend on it)")
+    parser.add_argument("--chunk-size", type=int, default=16, help="documents per task sent to a worker")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.train_tokenizer and args.vocab_size is None:
+        parser.error("--train-tokenizer needs --vocab-size")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pmp_megatron.data.indexed import iter_inputs, preprocess
+    from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer
+
+    limits = dict(json_key=args.json_key, split_paragraphs=args.split_paragraphs,
+                  max_docs=args.max_docs, max_chars=args.max_chars)
+    try:
+        if args.train_tokenizer:
+            tokenizer = train_tokenizer(iter_inputs(args.input, **limits), args.tokenizer_model,
+                                        args.vocab_size, model_type=args.model_type,
+                                        max_sentences=args.tokenizer_max_sentences)
+        else:
+            tokenizer = Tokenizer(args.tokenizer_model)
+        meta = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
+                          chunk_size=args.chunk_size, progress=not args.no_progress, **limits)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.output_prefix}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
+          f"({meta['dtype']}), vocab {meta['vocab_size']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
