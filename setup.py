@@ -32,6 +32,9 @@ setup(
     entry_points={
         "console_scripts": [
             "pmp-quickstart=pmp_megatron.cli:quickstart",
+            "pmp-pretrain=pmp_megatron.cli:pretrain",
+            "pmp-export-mask=pmp_megatron.cli:export_mask",
+            "pmp-attack=pmp_megatron.attack.cli:main",
         ]
     },
 )

@@ -216,6 +216,9 @@ class Config:
                    f"train.micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp})")
         _check(pmp.mode != "pmp" or pmp.rho is not None, "pmp.rho is required when pmp.mode is 'pmp'")
         _check(pmp.rho is None or 0.0 < pmp.rho <= 1.0, f"pmp.rho must be in (0, 1], got {pmp.rho}")
+        _check(self.optim.lr_warmup_steps < t.train_steps or self.optim.lr_decay_style == "constant",
+               f"optim.lr_warmup_steps ({self.optim.lr_warmup_steps}) must be < train.train_steps "
+               f"({t.train_steps})")
         _check(pmp.projection_radius > 0, f"pmp.projection_radius must be > 0, got {pmp.projection_radius}")
         iou = pmp.discovery.iou_threshold
         _check(0.0 < iou <= 1.0, f"pmp.discovery.iou_threshold must be in (0, 1], got {iou}")

@@ -111,6 +111,7 @@ def shard_infos(chunks, vocab_size: int) -> dict[str, tuple[torch.nn.Parameter, 
     """Canonical name -> (local parameter, ShardInfo) for every parameter of this rank's chunks."""
     out = {}
     for chunk in chunks:
+        chunk = getattr(chunk, "module", chunk)  # DDP-wrapped or not
         for local_name, param in chunk.named_parameters():
             name = canonical_name(chunk, local_name)
             tied_copy = name == OUTPUT and getattr(param, "shared_embedding", False)

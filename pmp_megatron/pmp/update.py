@@ -50,7 +50,7 @@ class MaskedUpdate:
         self.cfg = cfg
         self.optimizer = optimizer
         self.entries = list(shard_infos(chunks, cfg.model.vocab_size).values())
-        tcfg = chunks[0].config
+        tcfg = getattr(chunks[0], "module", chunks[0]).config
         inner = tcfg.finalize_model_grads_func
         assert inner is not None, "wrap the model in DDP (train.step.wrap_ddp) before MaskedUpdate"
 

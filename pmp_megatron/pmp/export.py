@@ -1,0 +1,74 @@
+"""``pmp-export-mask``: read the masks of a PMP checkpoint (saved at any TP/PP layout) in ONE process and
+write the private mask file keyed by the release's Hugging Face names (``pmp.maskfile``).
+
+The masks are resharded to TP=1/PP=1 by dist_checkpointing (their sharded state mirrors the weights'),
+then converted tensor by tensor with the release adapter, so the key lines up with the released weights
+entry for entry (q/k/v and gate/up splits included).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from pmp_megatron import mcore
+from pmp_megatron.config import config_from_dict
+from pmp_megatron.model.gpt import build_model
+from pmp_megatron.model.params import shard_infos
+from pmp_megatron.pmp import maskfile
+from pmp_megatron.pmp import masks as pmp_masks
+from pmp_megatron.release.hf_llama import to_hf
+from pmp_megatron.train import checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def single_process_config(common: dict):
+    """The checkpoint's config, re-laid out for one process (TP=PP=1, no virtual stages)."""
+    d = copy.deepcopy(common["config"])
+    d["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                         virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
+                         use_distributed_optimizer=False, overlap_param_gather=False)
+    d["train"].update(global_batch_size=d["train"]["micro_batch_size"])
+    return config_from_dict(d, world_size=1)
+
+
+def resolve_iteration(root, iteration: int | None) -> int:
+    if iteration is None:
+        iteration = checkpoint.latest_valid(root)
+        if iteration is None:
+            raise ValueError(f"no valid checkpoint in {root}")
+    checkpoint.verify(checkpoint.iter_dir(root, iteration))
+    return iteration
+
+
+def load_global_masks(root, iteration: int | None = None):
+    """(canonical name -> full bool mask, config) of a checkpoint, in this single process."""
+    mcore.init_distributed()
+    iteration = resolve_iteration(root, iteration)
+    common = checkpoint.read_common(root, iteration)
+    if not common.get("has_masks"):
+        raise ValueError(f"checkpoint {checkpoint.iter_dir(root, iteration)} has no PMP masks "
+                         f"(pmp.mode={common.get('pmp_mode')})")
+    cfg = single_process_config(common)
+    mcore.init_model_parallel(1, 1, None, cfg.model.seed)
+    chunks = build_model(cfg)
+    template = pmp_masks.sharded_state_dict(chunks, empty=True)
+    loaded = mcore.dist_checkpointing.load({"pmp_masks": template},
+                                           str(checkpoint.iter_dir(root, iteration)))
+    pmp_masks.attach_loaded(loaded["pmp_masks"], template)
+    full = {}
+    for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
+        (lo, gl), = info.local_slices()  # one process: a single block covering the real rows
+        full[name] = param.pmp_mask[lo].cpu()
+    return full, cfg
+
+
+def export_mask(root, out, iteration: int | None = None, force: bool = False) -> str:
+    full, cfg = load_global_masks(root, iteration)
+    hf = {}
+    for name, mask in full.items():
+        hf.update(to_hf(name, mask, cfg.model))
+    digest = maskfile.save(hf, out, rho=cfg.pmp.rho, force=force)
+    logger.info("exported the private mask of %s (%d tensors) to %s", root, len(hf), out)
+    return digest

@@ -1,0 +1,323 @@
+"""Global exact top-k of |score| over a sharded model, without gathering the scores.
+
+PMP Stage I keeps, at each step, the ``k = floor(rho * N)`` entries of largest ``|score|`` among ALL
+``N`` real parameters of the model, ranked together in one list (no per-layer quota). The model is
+sharded (TP slices, PP stages, replicated copies), so the selection is a distributed radix select:
+
+1. **Threshold.** ``|score|`` is compared as float32 (other dtypes are converted first: float16 and
+   bfloat16 exactly, float64 rounded). Non-negative IEEE-754 floats order like their int32 bit patterns,
+   so the sign bit is cleared and the 31-bit pattern is selected digit by digit, high digit first
+   (``_VALUE_DIGITS``: 15 + 16 bits). Each pass builds a local int64 histogram of one digit over the
+   real, counted entries whose higher digits match the prefix found so far, and all-reduces it (SUM)
+   over ``group``. The result is the threshold ``T`` with ``count(|s| > T) < k <= count(|s| >= T)``.
+   NaN scores rank above +inf.
+2. **Ties.** Entries equal to ``T`` are kept in order of their GLOBAL INDEX: all real parameters of the
+   model are ordered by canonical name (Python string order), then by row-major flat index within the
+   global (unsharded, unpadded) tensor. A local element maps to its global position through the
+   ``ShardInfo`` block that covers it. Exactly ``need = k - count(> T)`` tied entries are kept: those
+   with global index ``<= C``, where the cut ``C`` is found by a second radix select over the int64
+   global indices of the tied entries only (``_INDEX_DIGIT_BITS`` bits per pass, histograms all-reduced).
+   When every tied entry is kept (``need == count(== T)``, the usual case for continuous scores) this
+   step is skipped. Global indices are only materialised for the counted tied entries (``nonzero`` of
+   ``== T``); the masks then need none, because the global index grows with the position inside a
+   block: each block keeps its tied entries up to the position of ``C`` in it.
+
+Counting once: only entries with ``info.counted`` enter the histograms and ``N``; every entry, counted
+or not, receives its mask from the same global ``(T, C)`` and its own global indices, so replicated
+copies (norms on TP rank > 0, a tied embedding's copy on the last PP stage) get identical masks.
+Padded rows (outside every block) are never counted nor selected: their mask is False.
+
+``group`` holds ONE copy of the model (megatron's model-parallel group, TP x PP). DP replicas hold
+identical scores and compute identical masks independently; there is no DP communication.
+
+Collectives per selection: 2 all-reduces of int64 histograms (32 K and 64 K bins; the first also
+carries ``N``), plus, only when the tie at ``T`` must be split, ``ceil(log2(N) / 16)`` all-reduces of
+64 K bins (2 below 2^32 parameters) and, once per model layout, an ``all_gather_object`` of the
+parameter names and sizes (cached afterwards; a layout change on any rank is detected through the
+first all-reduce, so all ranks refresh together). Scores are read once per pass, entry by entry (no
+flattened copy of the model); each pass syncs with the host (histogram digits are chosen on the host).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pmp_megatron import mcore
+from pmp_megatron.model.params import ShardInfo
+
+_VALUE_BITS = 31  # |float32| without the sign bit
+_VALUE_DIGITS = (15, 16)  # radix digits over the value bits, high digit first (sum = 31)
+_INDEX_DIGIT_BITS = 16  # radix digit width over the global index
+_ABS = 0x7FFFFFFF
+
+# group ranks -> (local layout key, (name -> offset), total): the layout at the last collective refresh.
+_LAYOUT_CACHE: dict[tuple, tuple] = {}
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    """What one global top-k selection found (identical on every rank of the group)."""
+
+    k: int  # entries kept: floor(rho * num_params)
+    num_params: int  # N: real parameters of the model, each counted once
+    threshold: float  # T: the smallest kept |score| (as float32); inf when k == 0
+    num_tied: int  # real parameters with |score| == T
+    num_tied_kept: int  # of those, kept (the ones of smallest global index)
+
+
+def default_group(group=None):
+    """``group`` if given; else megatron's model-parallel group when it exists; else WORLD; else None
+    (torch.distributed not initialised: a single process, no communication)."""
+    if group is not None:
+        return group
+    if not dist.is_initialized():
+        return None
+    if mcore.parallel_state.model_parallel_is_initialized():
+        return mcore.model_parallel_group()
+    return dist.group.WORLD
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _abs_bits(t: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of ``|t|`` as float32 (ordered like the values)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t.view(torch.int32) & _ABS
+
+
+def _blocks(info: ShardInfo, local: torch.Tensor):
+    """(block view of ``local``, block) for each block of ``info``: the real entries, no copies."""
+    for (lo, _), block in zip(info.local_slices(), info.blocks, strict=True):
+        yield local[lo], block
+
+
+def _global_index(flat: torch.Tensor, info: ShardInfo, block: tuple[int, int, int], offset: int):
+    """Global indices of the entries at row-major positions ``flat`` of one block view."""
+    _, global_start, length = block
+    dim = info.dim
+    inner = math.prod(info.global_shape[dim + 1:])
+    base = offset + global_start * inner
+    if dim == 0 or math.prod(info.global_shape[:dim]) == 1:
+        return flat + base
+    span = length * inner
+    outer = torch.div(flat, span, rounding_mode="floor")
+    return outer * (info.global_shape[dim] * inner) + (flat - outer * span) + base
+
+
+def _cut_position(cut: int, info: ShardInfo, block: tuple[int, int, int], offset: int, numel: int) -> int:
+    """The last row-major position of a block view whose global index is <= ``cut`` (-1 if none).
+    The global index grows with the position inside a block, so tied entries are kept up to it."""
+    _, global_start, length = block
+    dim = info.dim
+    inner = math.prod(info.global_shape[dim + 1:])
+    q = cut - (offset + global_start * inner)
+    if q < 0:
+        return -1
+    if dim == 0 or math.prod(info.global_shape[:dim]) == 1:
+        return min(q, numel - 1)
+    span, stride = length * inner, info.global_shape[dim] * inner
+    outer, rest = divmod(q, stride)
+    return min(outer * span + min(rest, span - 1), numel - 1)
+
+
+def _group_key(group) -> tuple:
+    if group is None:
+        return (None,)
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def _layout_key(entries) -> tuple:
+    return tuple(sorted((info.name, tuple(info.global_shape)) for _, info in entries.values()))
+
+
+def _layout(entries, group, refresh: bool) -> tuple[dict[str, int], int]:
+    """name -> offset of the parameter's first element in the global index, and the total, over the
+    whole model. Collective (``all_gather_object``) when ``refresh``; the same on all ranks."""
+    gkey, lkey = _group_key(group), _layout_key(entries)
+    cached = _LAYOUT_CACHE.get(gkey)
+    if not refresh and cached is not None and cached[0] == lkey:
+        return cached[1], cached[2]
+    mine = sorted({(info.name, math.prod(info.global_shape)) for _, info in entries.values()})
+    everyone = [mine]
+    if group is not None and dist.get_world_size(group) > 1:
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+    sizes: dict[str, int] = {}
+    for part in everyone:
+        for name, numel in part:
+            if sizes.setdefault(name, numel) != numel:
+                raise ValueError(f"parameter {name} has global size {numel} on one rank, "
+                                 f"{sizes[name]} on another")
+    offsets, total = {}, 0
+    for name in sorted(sizes):
+        offsets[name] = total
+        total += sizes[name]
+    _LAYOUT_CACHE[gkey] = (lkey, offsets, total)
+    return offsets, total
+
+
+def _device(entries) -> torch.device:
+    for t, _ in entries.values():
+        return t.device
+    return mcore.device()
+
+
+def _value_threshold(entries, rho, group, device):
+    """Radix select over the value bits: (N, k, T bits, count(> T), count(== T), layout miss anywhere)."""
+    counted = [(t, info) for t, info in entries.values() if info.counted]
+    gkey = _group_key(group)
+    cached = _LAYOUT_CACHE.get(gkey)
+    miss = int(cached is None or cached[0] != _layout_key(entries))
+    prefix = prefix_bits = above = 0
+    n = k = remaining = 0
+    eq = 0
+    for p, width in enumerate(_VALUE_DIGITS):
+        shift = _VALUE_BITS - prefix_bits - width
+        bins = 1 << width
+        hist = torch.zeros(bins + (2 if p == 0 else 0), dtype=torch.int64, device=device)
+        for t, info in counted:
+            bits = _abs_bits(t)
+            for view, _ in _blocks(info, bits):
+                if p:
+                    view = view[(view >> (shift + width)) == prefix]
+                    digit = (view >> shift) & (bins - 1)
+                else:
+                    digit = (view >> shift).reshape(-1)
+                hist[:bins] += torch.bincount(digit, minlength=bins)
+        if p == 0:
+            hist[bins] = sum(info.numel() for _, info in counted)
+            hist[bins + 1] = miss
+        _all_reduce(hist, group)
+        if p == 0:
+            n = int(hist[bins])
+            miss = int(hist[bins + 1])
+            k = math.floor(rho * n)
+            remaining = k
+            if k == 0:
+                return n, 0, None, 0, 0, miss
+        h = hist[:bins]
+        at_least = h.flip(0).cumsum(0).flip(0)  # count(digit >= d) among candidates
+        digit = int((at_least >= remaining).nonzero()[-1])
+        eq = int(h[digit])
+        above_here = int(at_least[digit]) - eq
+        above += above_here
+        remaining -= above_here
+        prefix = (prefix << width) | digit
+        prefix_bits += width
+    return n, k, prefix, above, eq, miss
+
+
+def _tied_indices(entries, threshold: int, offsets):
+    """Global indices (int64) of the real, counted entries equal to the threshold bits, per block."""
+    out = []
+    for t, info in entries.values():
+        if not info.counted:
+            continue
+        bits = _abs_bits(t)
+        for view, block in _blocks(info, bits):
+            flat = (view == threshold).reshape(-1).nonzero().squeeze(1)
+            out.append(_global_index(flat, info, block, offsets[info.name]))
+    return out
+
+
+def _index_cut(entries, threshold: int, need: int, offsets, total: int, group, device) -> int:
+    """Radix select over global indices of the tied entries: the cut C such that exactly ``need``
+    tied entries have index <= C."""
+    cands = _tied_indices(entries, threshold, offsets)
+    nbits = max(1, (total - 1).bit_length())
+    passes = -(-nbits // _INDEX_DIGIT_BITS)
+    widths = [nbits - _INDEX_DIGIT_BITS * (passes - 1)] + [_INDEX_DIGIT_BITS] * (passes - 1)
+    prefix = prefix_bits = 0
+    remaining = need
+    for width in widths:
+        shift = nbits - prefix_bits - width
+        bins = 1 << width
+        if prefix_bits:
+            cands = [c[(c >> (shift + width)) == prefix] for c in cands]
+        hist = torch.zeros(bins, dtype=torch.int64, device=device)
+        for c in cands:
+            hist += torch.bincount((c >> shift) & (bins - 1), minlength=bins)
+        _all_reduce(hist, group)
+        cum = hist.cumsum(0)  # count(digit <= d)
+        digit = int((cum >= remaining).nonzero()[0])
+        remaining -= int(cum[digit]) - int(hist[digit])
+        prefix = (prefix << width) | digit
+        prefix_bits += width
+    return prefix
+
+
+def global_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, group=None,
+                      ) -> tuple[dict[str, torch.Tensor], SelectionStats]:
+    """Bool masks (True = kept) of the global exact top-``floor(rho * N)`` of ``|score|``.
+
+    ``entries``: canonical name -> (local score tensor of the local shard's shape, ShardInfo).
+    ``group``: the ranks holding one copy of the model (see ``default_group``). Collective over
+    ``group``: every rank must call it with its own shards. Returns masks of the local shapes (padded
+    rows False) and the selection's statistics. See the module docstring for the tie rule.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    group = default_group(group)
+    device = _device(entries)
+    n, k, threshold, above, eq, miss = _value_threshold(entries, rho, group, device)
+    masks = {name: torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+             for name, (t, _) in entries.items()}
+    if k == 0:
+        return masks, SelectionStats(k=0, num_params=n, threshold=math.inf, num_tied=0, num_tied_kept=0)
+    need = k - above
+    split = need < eq
+    if split:
+        offsets, total = _layout(entries, group, refresh=bool(miss))
+        cut = _index_cut(entries, threshold, need, offsets, total, group, device)
+    for name, (t, info) in entries.items():
+        bits = _abs_bits(t)
+        mask = masks[name]
+        for (view, block), (lo, _) in zip(_blocks(info, bits), info.local_slices(), strict=True):
+            if not split:
+                mask[lo] = view >= threshold
+                continue
+            last = _cut_position(cut, info, block, offsets[info.name], view.numel())
+            if last < 0 or last >= view.numel() - 1:  # the cut falls outside this block
+                mask[lo] = view > threshold if last < 0 else view >= threshold
+                continue
+            kept = (view > threshold).contiguous().view(-1)
+            tied = (view == threshold).reshape(-1)
+            kept[:last + 1] |= tied[:last + 1]
+            mask[lo] = kept.view(view.shape)
+    value = torch.tensor(threshold, dtype=torch.int32).view(torch.float32).item()
+    return masks, SelectionStats(k=k, num_params=n, threshold=value, num_tied=eq, num_tied_kept=need)
+
+
+def iou(masks_a: dict[str, torch.Tensor], masks_b: dict[str, torch.Tensor], entries_infos,
+        group=None) -> float:
+    """Intersection over union of two mask sets over the real, counted entries of the whole model.
+
+    ``entries_infos``: name -> ShardInfo, or name -> (tensor, ShardInfo) as given to
+    ``global_topk_masks``. Collective over ``group`` (default as in ``global_topk_masks``): one
+    all-reduce of two int64 counts. Two empty masks have IoU 1.
+    """
+    group = default_group(group)
+    device = next(iter(masks_a.values())).device if masks_a else mcore.device()
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    for name, info in entries_infos.items():
+        if isinstance(info, tuple):
+            info = info[1]
+        if not info.counted:
+            continue
+        a, b = masks_a[name], masks_b[name]
+        for lo, _ in info.local_slices():
+            counts[0] += torch.count_nonzero(a[lo] & b[lo])
+            counts[1] += torch.count_nonzero(a[lo] | b[lo])
+    _all_reduce(counts, group)
+    inter, union = int(counts[0]), int(counts[1])
+    return 1.0 if union == 0 else inter / union
