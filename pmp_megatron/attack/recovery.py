@@ -1,0 +1,243 @@
+"""Mask-recovery attackers: guess the private mask from the released weights alone.
+
+The PMP complement (entries outside the mask) is never trained: it stays at ``W0`` (``complement:
+frozen``), or at ``c * W0`` with one scalar ``c`` -- decoupled weight decay multiplies every entry by the
+same ``1 - lr * wd`` each step and the projection rescales the whole complement by one factor. Three
+attackers exploit this:
+
+- ``recovery_global``: the entries with the largest ``|w|`` over the whole model (one exact global
+  top-k, like the owner's Stage-I ranking) at density ``rho``. Works when the projection shrank the
+  complement (~100x at 1.1B scale with R = 2).
+- ``recovery_per_tensor``: the same top-k of ``|w|`` inside every tensor separately.
+- ``recovery_init``: regenerate ``W0`` from the seed (``model.init.w0_tensor``, mapped to HF names with
+  ``release.hf_llama.to_hf``); per tensor fit ``c`` as the MODE of ``w / w0`` (the complement ratios all
+  equal ``c`` up to rounding, trained entries spread out; a median would fail once rho > 0.5); the
+  recovered mask is where ``|w - c w0| > tol |c w0|`` (``init_rule: threshold``; ``tol`` defaults to
+  the release dtype's rounding: 1e-4 fp32, 1e-2 bf16, 2e-3 fp16), or the global top-k of that relative
+  residual at density rho (``init_rule: topk``). A tensor without a ratio cluster (every entry trained)
+  is recovered as all True.
+
+Density (for the |w| attackers): the suite's ``recovery.density`` (an attacker may assume the published
+rho), else an estimate: Otsu's threshold on a sample of ``log10 |w|`` (the shrunk complement and the
+trained entries form two modes; the estimate is the share above the valley). Without a shrunk
+complement |w| is not bimodal and the estimate is unreliable -- then so is this attacker, by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+
+from pmp_megatron.config import ModelConfig
+from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+MIN_CLUSTER_FRACTION = 0.01  # a ratio cluster smaller than this is no complement
+_FIT_SAMPLE = 1 << 20
+
+
+def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of True entries over all tensors."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / max(1, total)
+
+
+def iou(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> float:
+    """Intersection over union of two masks over the whole model (same names and shapes)."""
+    if set(pred) != set(true):
+        raise ValueError(f"masks differ in tensor names: {sorted(set(pred) ^ set(true))[:5]}")
+    inter = union = 0
+    for name, p in pred.items():
+        t = true[name].to(p.device)
+        inter += int((p & t).sum())
+        union += int((p | t).sum())
+    return inter / union if union else 1.0
+
+
+def kth_largest(tensors: Iterable[torch.Tensor], k: int) -> float:
+    """The exact k-th largest ``|x|`` over all entries of ``tensors`` taken together (as float32).
+
+    Non-negative float32 values order like their int32 bit patterns, so two histogram passes (high 16
+    bits, then low 16 bits inside the chosen bin) find it with extra memory of one tensor at a time.
+    """
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.float32).abs().contiguous().view(torch.int32).reshape(-1)
+
+    hi_counts = torch.zeros(1 << 15, dtype=torch.int64)
+    for t in tensors:
+        hi_counts += torch.bincount(bits(t) >> 16, minlength=1 << 15).cpu()
+    from_top = hi_counts.flip(0).cumsum(0)  # [j] = count with high bits >= 32767 - j
+    j = int(torch.searchsorted(from_top, torch.tensor([k])))
+    hi = (1 << 15) - 1 - j
+    above = int(from_top[j] - hi_counts[hi])
+    lo_counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in tensors:
+        b = bits(t)
+        lo_counts += torch.bincount(b[(b >> 16) == hi] & 0xFFFF, minlength=1 << 16).cpu()
+    jl = int(torch.searchsorted(lo_counts.flip(0).cumsum(0), torch.tensor([k - above])))
+    value = (hi << 16) | ((1 << 16) - 1 - jl)
+    return torch.tensor([value], dtype=torch.int32).view(torch.float32).item()
+
+
+def _sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Up to ``n`` evenly strided entries of ``t`` (deterministic), as fp32 on t's device."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= n:
+        return flat.float()
+    idx = torch.linspace(0, flat.numel() - 1, n, device=flat.device).long()
+    return flat[idx].float()
+
+
+def estimate_density(weights: Mapping[str, torch.Tensor], sample: int = _FIT_SAMPLE) -> float:
+    """Otsu's two-class split of ``log10 |w|`` on a strided sample: the share of the upper class."""
+    total = sum(w.numel() for w in weights.values())
+    parts = [_sample(w, max(1, math.ceil(sample * w.numel() / total))).cpu() for w in weights.values()]
+    x = torch.cat(parts).abs().clamp_min(1e-30).log10()
+    hist = torch.histc(x, bins=256, min=float(x.min()), max=float(x.max())).double()
+    centers = torch.linspace(float(x.min()), float(x.max()), 257, dtype=torch.float64)
+    centers = (centers[:-1] + centers[1:]) / 2
+    p = hist / hist.sum()
+    w_low = p.cumsum(0)
+    mu_low = (p * centers).cumsum(0)
+    between = (mu_low[-1] * w_low - mu_low) ** 2 / (w_low * (1 - w_low)).clamp_min(1e-12)
+    cut = int(between[:-1].argmax())
+    density = float(1.0 - w_low[cut])
+    logger.info("estimated mask density %.4f (Otsu split of log10|w| at %.3f)", density, float(centers[cut]))
+    return density
+
+
+def recover_global(weights: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """The exact global top-``density`` of ``|w|`` over every tensor."""
+    total = sum(w.numel() for w in weights.values())
+    k = max(1, min(total, round(density * total)))
+    thr = kth_largest(weights.values(), k)
+    return {n: w.detach().abs().float() >= thr for n, w in weights.items()}
+
+
+def recover_per_tensor(weights: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """The top-``density`` of ``|w|`` inside each tensor."""
+    out = {}
+    for n, w in weights.items():
+        a = w.detach().abs().float().reshape(-1)
+        k = max(1, min(a.numel(), round(density * a.numel())))
+        thr = a.kthvalue(a.numel() - k + 1).values
+        out[n] = (a >= thr).reshape(w.shape)
+    return out
+
+
+def model_config_from_hf(hf_cfg: Mapping, seed: int) -> ModelConfig:
+    """The init-relevant ModelConfig of an HF Llama ``config.json`` (std = ``initializer_range``)."""
+    heads = hf_cfg["num_attention_heads"]
+    cfg = ModelConfig(
+        num_layers=hf_cfg["num_hidden_layers"], hidden_size=hf_cfg["hidden_size"], num_attention_heads=heads,
+        num_query_groups=hf_cfg.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf_cfg["intermediate_size"], vocab_size=hf_cfg["vocab_size"],
+        init_method_std=float(hf_cfg.get("initializer_range", 0.02)),
+        untie_embeddings=not hf_cfg.get("tie_word_embeddings", False), seed=seed)
+    if hf_cfg.get("head_dim") not in (None, cfg.head_dim):
+        raise ValueError(f"config.json head_dim {hf_cfg['head_dim']} != hidden/heads = {cfg.head_dim}")
+    return cfg
+
+
+def iter_w0(model_cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, W0) of every release tensor, regenerated from ``model_cfg.seed`` one at a time."""
+    from pmp_megatron.model.init import w0_tensor  # imports megatron-core (seconds): only when needed
+
+    for name, shape in canonical_shapes(model_cfg).items():
+        yield from to_hf(name, w0_tensor(name, shape, model_cfg.seed, model_cfg.init_method_std), model_cfg)
+
+
+def fit_scale(w: torch.Tensor, w0: torch.Tensor, tolerance: float) -> tuple[float, float]:
+    """The complement scale ``c`` (mode of ``w / w0``) and the share of entries in that mode's cluster.
+
+    The cluster is the densest window ``[r, r + tolerance |r|]`` of the sorted ratios; ``c`` is its
+    median. Returns ``(nan, share)`` when the densest cluster holds under ``MIN_CLUSTER_FRACTION``.
+    """
+    w_s, w0_s = _sample(w, _FIT_SAMPLE), _sample(w0.to(w.device), _FIT_SAMPLE)
+    keep = w0_s != 0
+    r = (w_s[keep] / w0_s[keep]).sort().values
+    if r.numel() == 0:
+        return float("nan"), 0.0
+    ends = torch.searchsorted(r, r + tolerance * r.abs() + 1e-30, right=True)
+    counts = ends - torch.arange(r.numel(), device=r.device)
+    i = int(counts.argmax())
+    share = float(counts[i]) / r.numel()
+    if share < MIN_CLUSTER_FRACTION:
+        return float("nan"), share
+    return float(r[i: int(ends[i])].median()), share
+
+
+def recover_init(weights: Mapping[str, torch.Tensor], w0: Iterable[tuple[str, torch.Tensor]],
+                 tolerance: float, rule: str = "threshold",
+                 density: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Init-regeneration recovery; returns (masks, info with the per-tensor scales ``c``)."""
+    masks: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
+    scales: dict[str, float] = {}
+    for name, w0_t in w0:
+        if name not in weights:
+            raise ValueError(f"regenerated W0 tensor {name!r} is not a parameter of the release "
+                             f"(wrong --model-config?)")
+        w = weights[name].detach().float()
+        if tuple(w0_t.shape) != tuple(w.shape):
+            raise ValueError(f"regenerated W0 of {name!r} has shape {tuple(w0_t.shape)}, the release "
+                             f"{tuple(w.shape)} (wrong --model-config?)")
+        w0_t = w0_t.to(w.device)
+        c, _ = fit_scale(w, w0_t, tolerance)
+        scales[name] = c
+        if math.isnan(c):
+            score = torch.full_like(w, float("inf"))
+        else:
+            score = (w - c * w0_t).abs() / (c * w0_t).abs()  # 0/0 -> nan: never moved
+            score = torch.nan_to_num(score, nan=0.0)
+        masks[name] = score > tolerance
+        if rule == "topk":
+            scores[name] = score
+    missing = sorted(set(weights) - set(masks))
+    if missing:
+        raise ValueError(f"release tensors without a regenerated W0: {missing[:5]} (wrong --model-config?)")
+    if rule == "topk":
+        total = sum(s.numel() for s in scores.values())
+        d = mask_density(masks) if density is None else density
+        k = max(1, min(total, round(d * total)))
+        thr = kth_largest((s.clamp_max(torch.finfo(torch.float32).max) for s in scores.values()), k)
+        masks = {n: (s >= thr) if thr > 0 else (s > 0) for n, s in scores.items()}  # never select ties at 0
+    elif rule != "threshold":
+        raise ValueError(f"unknown init_rule {rule!r}; known: threshold, topk")
+    finite = [c for c in scales.values() if not math.isnan(c)]
+    info = {"scale_median": float(torch.tensor(finite).median()) if finite else float("nan"),
+            "num_unfit_tensors": len(scales) - len(finite)}
+    return masks, info
+
+
+def recover(attacker: str, weights: Mapping[str, torch.Tensor], density: float | None = None,
+            w0: Iterable[tuple[str, torch.Tensor]] | None = None, release_dtype: str = "float32",
+            init_rule: str = "threshold", init_tolerance: float | None = None) -> tuple[dict, dict]:
+    """Run one recovery attacker; returns (HF name -> bool mask, info)."""
+    info: dict = {}
+    if attacker == "recovery_init":
+        if w0 is None:
+            raise ValueError("recovery_init needs the regenerated W0 (the init seed and model config)")
+        tol = init_tolerance if init_tolerance is not None else DEFAULT_TOLERANCE.get(release_dtype, 1e-2)
+        masks, info = recover_init(weights, w0, tol, init_rule, density)
+        info["tolerance"] = tol
+    elif attacker in ("recovery_global", "recovery_per_tensor"):
+        if density is None:
+            density = estimate_density(weights)
+            info["density_estimate"] = density
+        fn = recover_global if attacker == "recovery_global" else recover_per_tensor
+        masks = fn(weights, density)
+    else:
+        raise ValueError(f"{attacker!r} is not a recovery attacker")
+    info["recovered_density"] = mask_density(masks)
+    return masks, info

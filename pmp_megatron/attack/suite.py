@@ -1,0 +1,378 @@
+"""The attack suite: a YAML grid of fine-tuning adversaries, validated into dataclasses and expanded into
+cells (one fine-tuning run each).
+
+A suite file (see ``configs/attacks/smoke.yaml`` and ``full.yaml``)::
+
+    name: full
+    tasks: [builtin:prose_heldout, {source: builtin:code_test, max_docs: 200}]
+    pretraining_eval: {source: builtin:prose, max_docs: 200}    # forgetting / base quality
+    seq_length: 256            # tokens per block
+    eval_blocks: 64            # held-out task blocks (and pretraining-eval blocks)
+    eval_batch_size: 8
+    eval_every: 100            # task loss checkpoints along the way (0: before/after only)
+    seeds: [0, 1]
+    attackers: [unauthorized, authorized, recovery_global, recovery_per_tensor, recovery_init]
+    recovery: {density: null, init_rule: threshold, init_tolerance: null}
+    adversaries:               # groups; every list-valued field of a group is a grid axis
+      - method: full
+        optimizer: [adamw, lion]
+        lr: {start: 1.0e-6, stop: 1.0e-4, num: 5}     # log-spaced, 3 significant digits
+        steps: 1000
+        batch_size: 8
+      - method: lora
+        optimizer: adamw
+        lr: [1.0e-4, 1.0e-3]
+        lora: {rank: [8, 64], alpha: null, target_modules: [q_proj, v_proj]}
+
+An *adversary* is one point of a group's grid (method, optimizer, lr, steps, batch size, weight decay,
+schedule, LoRA shape). A *cell* is (model role, attacker, adversary, task, seed). On the PMP release
+every attacker runs every adversary; on the dense baseline only ``unauthorized`` runs (the dense model
+has no mask: its full fine-tuning gain is the reference every PMP gain is divided by).
+
+Unknown keys raise ``ValueError`` naming the key (with a close-match hint); so do bad values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+METHODS = ("full", "lora")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
+SCHEDULES = ("constant", "cosine", "linear")
+ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init")
+RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init")
+DENSE_ATTACKERS = ("unauthorized",)
+INIT_RULES = ("threshold", "topk")
+PRECISIONS = ("auto", "fp32", "bf16")
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One downstream task (or the pretraining-eval set): where its documents come from."""
+
+    source: str  # builtin:<domain>, a bare builtin domain name, or a JSONL file ({"text": ...} per line)
+    name: str = ""  # label in results and reports (default: the domain or the file stem)
+    max_docs: int | None = None  # cap on documents read
+    max_chars: int | None = None  # cut every document to this many characters
+    json_key: str = "text"  # key of the text in a JSONL line
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """One fine-tuning recipe of the grid."""
+
+    method: str
+    optimizer: str
+    lr: float
+    steps: int
+    batch_size: int
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_target_modules: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+
+    @property
+    def label(self) -> str:
+        parts = [self.method, self.optimizer, f"lr={self.lr:g}", f"s={self.steps}", f"b={self.batch_size}"]
+        if self.weight_decay:
+            parts.append(f"wd={self.weight_decay:g}")
+        if self.schedule != "constant":
+            parts.append(f"{self.schedule}(w{self.warmup_steps})")
+        if self.clip_grad != 1.0:
+            parts.append(f"clip={self.clip_grad:g}")
+        if self.method == "lora":
+            parts.append(f"r={self.lora_rank}")
+            if self.lora_alpha != 2 * self.lora_rank:
+                parts.append(f"alpha={self.lora_alpha:g}")
+            if self.lora_dropout:
+                parts.append(f"drop={self.lora_dropout:g}")
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class RecoverySpec:
+    """How the mask-recovery attackers work (they see the release, never the mask)."""
+
+    density: float | None = None  # assumed kept fraction (e.g. a published rho); None: estimate it
+    init_rule: str = "threshold"  # recovery_init: relative-residual threshold, or global top-k at density
+    init_tolerance: float | None = None  # relative residual counted as "moved"; None: by release dtype
+
+
+@dataclass
+class Suite:
+    """A validated attack suite."""
+
+    name: str = "suite"
+    tasks: list[TaskSpec] = field(default_factory=list)
+    pretraining_eval: TaskSpec | None = None
+    seq_length: int = 256
+    eval_blocks: int = 64
+    eval_batch_size: int = 8
+    eval_every: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    attackers: list[str] = field(default_factory=lambda: list(ATTACKERS))
+    precision: str = "auto"
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
+    adversaries: list[Adversary] = field(default_factory=list)
+
+    def settings(self) -> dict:
+        """The suite-level values every cell's numbers depend on (part of every cell id)."""
+        return {"seq_length": self.seq_length, "eval_blocks": self.eval_blocks,
+                "eval_batch_size": self.eval_batch_size, "eval_every": self.eval_every,
+                "precision": self.precision,
+                "pretraining_eval": (dataclasses.asdict(self.pretraining_eval)
+                                     if self.pretraining_eval else None)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tuning run: an attacker applying one adversary to one model on one task with one seed."""
+
+    role: str  # "pmp" or "dense"
+    attacker: str
+    adversary: Adversary
+    task: TaskSpec
+    seed: int
+    id: str  # stable hash of everything above + suite settings + model identity (+ key identity)
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _check_keys(data: Any, allowed: list[str], where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown key '{key}' in {where}{hint}; allowed keys: {', '.join(allowed)}")
+    return data
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _number(value: Any, where: str, kind: type, minimum: float | None = None, strict: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and isinstance(value, int)
+    if not ok:
+        raise ValueError(f"{where} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        raise ValueError(f"{where} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+    return kind(value)
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def log_spaced(start: float, stop: float, num: int) -> list[float]:
+    """``num`` log-spaced values from ``start`` to ``stop`` inclusive, rounded to 3 significant digits."""
+    if start <= 0 or stop <= 0:
+        raise ValueError(f"log-spaced lr range needs start > 0 and stop > 0, got {start}, {stop}")
+    if num == 1:
+        return [float(f"{start:.3g}")]
+    ratio = math.log(stop / start) / (num - 1)
+    return [float(f"{start * math.exp(ratio * i):.3g}") for i in range(num)]
+
+
+def _lrs(value: Any, where: str) -> list[float]:
+    if isinstance(value, dict):
+        _check_keys(value, ["start", "stop", "num"], where)
+        missing = [k for k in ("start", "stop", "num") if k not in value]
+        if missing:
+            raise ValueError(f"{where} needs start, stop and num; missing {missing}")
+        num = _number(value["num"], f"{where}.num", int, 1)
+        return log_spaced(_number(value["start"], f"{where}.start", float),
+                          _number(value["stop"], f"{where}.stop", float), num)
+    lrs = [_number(v, where, float, 0.0, strict=True) for v in _as_list(value)]
+    if not lrs:
+        raise ValueError(f"{where} is empty")
+    return lrs
+
+
+def _task(value: Any, where: str) -> TaskSpec:
+    if isinstance(value, str):
+        value = {"source": value}
+    data = _check_keys(value, [f.name for f in dataclasses.fields(TaskSpec)], where)
+    if not isinstance(data.get("source"), str) or not data["source"]:
+        raise ValueError(f"{where}.source must be a non-empty string (builtin:<domain> or a JSONL path)")
+    source = data["source"]
+    name = data.get("name") or source.removeprefix("builtin:")
+    if "/" in name or name.endswith((".jsonl", ".json")):
+        name = os.path.splitext(os.path.basename(name))[0]
+    max_docs = data.get("max_docs")
+    max_chars = data.get("max_chars")
+    return TaskSpec(
+        source=source, name=str(name),
+        max_docs=None if max_docs is None else _number(max_docs, f"{where}.max_docs", int, 1),
+        max_chars=None if max_chars is None else _number(max_chars, f"{where}.max_chars", int, 1),
+        json_key=str(data.get("json_key", "text")))
+
+
+_GROUP_KEYS = ["method", "optimizer", "lr", "steps", "batch_size", "weight_decay", "schedule",
+               "warmup_steps", "clip_grad", "lora"]
+_LORA_KEYS = ["rank", "alpha", "target_modules", "dropout"]
+
+
+def _group(data: Any, where: str) -> list[Adversary]:
+    """Expand one adversary group (list-valued fields are axes) into adversaries."""
+    _check_keys(data, _GROUP_KEYS, where)
+    for key in ("method", "optimizer", "lr", "steps", "batch_size"):
+        if key not in data:
+            raise ValueError(f"{where} is missing '{key}'")
+    methods = [_choice(v, METHODS, f"{where}.method") for v in _as_list(data["method"])]
+    optimizers = [_choice(v, OPTIMIZERS, f"{where}.optimizer") for v in _as_list(data["optimizer"])]
+    lrs = _lrs(data["lr"], f"{where}.lr")
+    steps = [_number(v, f"{where}.steps", int, 1) for v in _as_list(data["steps"])]
+    batches = [_number(v, f"{where}.batch_size", int, 1) for v in _as_list(data["batch_size"])]
+    decays = [_number(v, f"{where}.weight_decay", float, 0.0)
+              for v in _as_list(data.get("weight_decay", 0.0))]
+    schedules = [_choice(v, SCHEDULES, f"{where}.schedule")
+                 for v in _as_list(data.get("schedule", "constant"))]
+    warmup = _number(data.get("warmup_steps", 0), f"{where}.warmup_steps", int, 0)
+    clip = _number(data.get("clip_grad", 1.0), f"{where}.clip_grad", float, 0.0)
+    lora = _check_keys(data.get("lora", {}) or {}, _LORA_KEYS, f"{where}.lora")
+    if "lora" in data and "lora" not in methods:
+        raise ValueError(f"{where}.lora is given but no method of the group is 'lora'")
+    ranks = [_number(v, f"{where}.lora.rank", int, 1) for v in _as_list(lora.get("rank", 8))]
+    alphas = [None if v is None else _number(v, f"{where}.lora.alpha", float, 0.0, strict=True)
+              for v in _as_list(lora.get("alpha", None))]
+    targets = lora.get("target_modules", list(LLAMA_LINEARS))
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}.lora.target_modules must be a non-empty list of module names")
+    dropout = _number(lora.get("dropout", 0.0), f"{where}.lora.dropout", float, 0.0)
+    out = []
+    for method, opt, lr, n, b, wd, sched in itertools.product(
+            methods, optimizers, lrs, steps, batches, decays, schedules):
+        if method == "full":
+            out.append(Adversary(method, opt, lr, n, b, wd, sched, warmup, clip))
+            continue
+        for rank, alpha in itertools.product(ranks, alphas):
+            out.append(Adversary(method, opt, lr, n, b, wd, sched, warmup, clip, rank,
+                                 float(2 * rank if alpha is None else alpha), tuple(targets), dropout))
+    return out
+
+
+_SUITE_KEYS = [f.name for f in dataclasses.fields(Suite)]
+
+
+def suite_from_dict(data: dict) -> Suite:
+    """Validate a suite mapping and expand its adversary groups."""
+    _check_keys(data, _SUITE_KEYS, "suite")
+    tasks = [_task(t, f"tasks[{i}]") for i, t in enumerate(_as_list(data.get("tasks", [])))]
+    if not tasks:
+        raise ValueError("suite.tasks is empty: name at least one downstream task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite.tasks has duplicate task names {names}; give each a distinct 'name'")
+    attackers = [_choice(a, ATTACKERS, "suite.attackers") for a in _as_list(data.get("attackers", ATTACKERS))]
+    rec = _check_keys(data.get("recovery", {}) or {}, [f.name for f in dataclasses.fields(RecoverySpec)],
+                      "suite.recovery")
+    density = rec.get("density")
+    if density is not None and not 0 < _number(density, "suite.recovery.density", float) <= 1:
+        raise ValueError(f"suite.recovery.density must be in (0, 1], got {density}")
+    tol = rec.get("init_tolerance")
+    recovery = RecoverySpec(
+        density=None if density is None else float(density),
+        init_rule=_choice(rec.get("init_rule", "threshold"), INIT_RULES, "suite.recovery.init_rule"),
+        init_tolerance=None if tol is None else _number(tol, "suite.recovery.init_tolerance", float, 0.0,
+                                                        strict=True))
+    groups = data.get("adversaries") or []
+    if not isinstance(groups, list) or not groups:
+        raise ValueError("suite.adversaries must be a non-empty list of adversary groups")
+    adversaries = list(dict.fromkeys(a for i, g in enumerate(groups) for a in _group(g, f"adversaries[{i}]")))
+    seeds = [_number(s, "suite.seeds", int) for s in _as_list(data.get("seeds", [0]))]
+    pre = data.get("pretraining_eval")
+    suite = Suite(
+        name=str(data.get("name", "suite")), tasks=tasks,
+        pretraining_eval=None if pre is None else _task(pre, "suite.pretraining_eval"),
+        seq_length=_number(data.get("seq_length", 256), "suite.seq_length", int, 2),
+        eval_blocks=_number(data.get("eval_blocks", 64), "suite.eval_blocks", int, 1),
+        eval_batch_size=_number(data.get("eval_batch_size", 8), "suite.eval_batch_size", int, 1),
+        eval_every=_number(data.get("eval_every", 0), "suite.eval_every", int, 0),
+        seeds=seeds or [0], attackers=list(dict.fromkeys(attackers)),
+        precision=_choice(data.get("precision", "auto"), PRECISIONS, "suite.precision"),
+        recovery=recovery, adversaries=adversaries)
+    return suite
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Read and validate a suite YAML file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"suite file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    try:
+        return suite_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- grid expansion
+
+
+def _cell_id(payload: dict) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=list, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | None = None,
+                 regen_id: str | None = None, attackers: list[str] | None = None) -> list[Cell]:
+    """All cells of the suite, PMP first then dense, in a fixed order.
+
+    ``model_ids`` maps role (``pmp``, optionally ``dense``) to the model identity; ``mask_sha256`` and
+    ``regen_id`` identify the owner's key and the regeneration seed + init config (they enter the ids of
+    the cells that use them). ``attackers`` restricts the suite's attackers.
+    """
+    chosen = suite.attackers if attackers is None else [a for a in suite.attackers if a in attackers]
+    if "pmp" not in model_ids:
+        raise ValueError("expand_cells needs the PMP model's identity (role 'pmp')")
+    if "authorized" in chosen and mask_sha256 is None:
+        raise ValueError("attacker 'authorized' needs the owner's mask (--mask FILE), or drop it with "
+                         "--attackers")
+    if "recovery_init" in chosen and regen_id is None:
+        raise ValueError("attacker 'recovery_init' needs the init seed (--seed-for-regeneration N), or drop "
+                         "it with --attackers")
+    settings = suite.settings()
+    cells = []
+    for role in ("pmp", "dense"):
+        if role not in model_ids:
+            continue
+        role_attackers = chosen if role == "pmp" else list(DENSE_ATTACKERS)
+        for task, attacker, adv, seed in itertools.product(suite.tasks, role_attackers, suite.adversaries,
+                                                           suite.seeds):
+            payload = {"model": model_ids[role], "attacker": attacker, "adversary": dataclasses.asdict(adv),
+                       "task": dataclasses.asdict(task), "seed": seed, "settings": settings}
+            if attacker == "authorized":
+                payload["mask"] = mask_sha256
+            if attacker in RECOVERY_ATTACKERS:
+                payload["recovery"] = dataclasses.asdict(suite.recovery)
+            if attacker == "recovery_init":
+                payload["regen"] = regen_id
+            cells.append(Cell(role, attacker, adv, task, seed, _cell_id(payload)))
+    return cells

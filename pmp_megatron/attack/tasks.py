@@ -1,0 +1,117 @@
+"""Downstream task data for the attacks: documents -> token blocks -> a fixed train/eval split.
+
+A task is a builtin domain (``builtin:prose_heldout``, or the bare domain name) or a JSONL file (one
+``{"text": ...}`` object a line; the key is configurable). Documents are shuffled with a fixed split seed
+(independent of the attack seed, so every cell of a task sees the same eval set), tokenized with the
+release's own tokenizer, joined with the end-of-document id and cut into blocks of ``seq_length`` tokens.
+The first ``eval_blocks`` blocks are the held-out eval set (they come from the first shuffled documents,
+so train and eval share at most the one document that straddles the boundary); the rest is train.
+
+Training batches are drawn epoch by epoch from a permutation seeded by the attack seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pmp_megatron.attack.suite import TaskSpec
+from pmp_megatron.data import corpora
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Token blocks of one task: ``train`` ``[num_train, s]`` and ``eval`` ``[num_eval, s]`` (int64)."""
+
+    name: str
+    train: torch.Tensor
+    eval: torch.Tensor
+
+    @property
+    def num_train_tokens(self) -> int:
+        return self.train.numel()
+
+
+class ReleaseTokenizer:
+    """The release's tokenizer: ``tokenizer.model`` (sentencepiece) if present, else ``AutoTokenizer``."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        sp = model_dir / "tokenizer.model"
+        if sp.is_file():
+            from pmp_megatron.data.tokenizer import Tokenizer
+
+            tok = Tokenizer(sp)
+            self._encode, self.eod, self.sha256 = tok.encode, tok.eod, tok.sha256
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model directory {model_dir} has no usable tokenizer: {err}") from err
+        if hf.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {model_dir} has no eos token (needed as end-of-document)")
+        self._encode = functools.partial(hf.encode, add_special_tokens=False)
+        self.eod = hf.eos_token_id
+        self.sha256 = hashlib.sha256(
+            "\n".join(f"{p}\t{i}" for p, i in sorted(hf.get_vocab().items())).encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+
+def resolve_source(spec: TaskSpec) -> str:
+    """The ``corpora.iter_source`` source of a task; ValueError for an unknown task."""
+    src = spec.source
+    if src.startswith(corpora.BUILTIN_PREFIX):
+        corpora.parse_builtin(src)  # raises for an unknown domain
+        return src
+    if src in corpora.list_domains():
+        return corpora.BUILTIN_PREFIX + src
+    if Path(src).is_file():
+        return src
+    raise ValueError(f"unknown task {src!r}: neither a builtin domain ({', '.join(corpora.list_domains())}) "
+                     f"nor an existing JSONL file")
+
+
+def load_task(spec: TaskSpec, tokenizer: ReleaseTokenizer, seq_length: int, eval_blocks: int) -> TaskData:
+    """Tokenize a task and split it into train and eval blocks (deterministic)."""
+    docs = list(corpora.iter_source(resolve_source(spec), json_key=spec.json_key, max_docs=spec.max_docs,
+                                    max_chars=spec.max_chars))
+    random.Random(SPLIT_SEED).shuffle(docs)
+    ids: list[int] = []
+    for text in docs:
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eod)
+    num_blocks = len(ids) // seq_length
+    if num_blocks < eval_blocks + 1:
+        raise ValueError(f"task {spec.name!r} has {len(ids)} tokens = {num_blocks} blocks of {seq_length}: "
+                         f"too few for {eval_blocks} eval blocks plus training (raise max_docs or lower "
+                         f"eval_blocks / seq_length)")
+    blocks = torch.tensor(ids[: num_blocks * seq_length], dtype=torch.long).view(num_blocks, seq_length)
+    logger.info("task %s: %d documents, %d tokens, %d train + %d eval blocks of %d", spec.name, len(docs),
+                len(ids), num_blocks - eval_blocks, eval_blocks, seq_length)
+    return TaskData(spec.name, blocks[eval_blocks:].contiguous(), blocks[:eval_blocks].contiguous())
+
+
+def train_batches(data: TaskData, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches ``[batch_size, s]`` drawn without replacement, epoch after epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(data.train.shape[0], generator=gen)])
+        take, order = order[:batch_size], order[batch_size:]
+        yield data.train[take]

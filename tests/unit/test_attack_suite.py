@@ -1,0 +1,346 @@
+"""Attack suite, fast: YAML validation (unknown keys named), grid sizes, log-spaced lrs, stable cell ids,
+resumable skipping (sequential and a submitit debug array), the report's numbers on hand-made results,
+mask recovery on synthetic tensors, and the authorized complement guard under every optimizer."""
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from pmp_megatron.attack import execute, recovery, report
+from pmp_megatron.attack.optimizers import Lion, build_optimizer
+from pmp_megatron.attack.runner import AttackContext, MaskGuard
+from pmp_megatron.attack.suite import expand_cells, load_suite, log_spaced, suite_from_dict
+from pmp_megatron.config import ModelConfig
+from pmp_megatron.testing import REPO
+
+ATTACKS = REPO / "configs" / "attacks"
+
+SMALL = {
+    "name": "small",
+    "tasks": ["builtin:prose_heldout", {"source": "code_test", "max_docs": 5}],
+    "seq_length": 16,
+    "seeds": [0, 1],
+    "attackers": ["unauthorized", "authorized", "recovery_global"],
+    "adversaries": [
+        {"method": "full", "optimizer": ["adamw", "sgd"], "lr": {"start": 1e-5, "stop": 1e-3, "num": 3},
+         "steps": 2, "batch_size": 1},
+        {"method": "lora", "optimizer": "adamw", "lr": 1e-3, "steps": 2, "batch_size": 1,
+         "lora": {"rank": [4, 8], "target_modules": ["q_proj"]}},
+    ],
+}
+
+
+def _small(**changes):
+    data = copy.deepcopy(SMALL)
+    data.update(changes)
+    return suite_from_dict(data)
+
+
+# ----------------------------------------------------------------------------- schema and grid
+
+
+@pytest.mark.parametrize("where, bad, named", [
+    ((), "adversaires", "adversaires"),
+    (("adversaries", 0), "learning_rate", "learning_rate"),
+    (("adversaries", 1, "lora"), "rnak", "rnak"),
+    (("recovery",), "dens", "dens"),
+])
+def test_unknown_key_is_named(where, bad, named):
+    data = copy.deepcopy(SMALL)
+    data["recovery"] = {}
+    node = data
+    for key in where:
+        node = node[key]
+    node[bad] = 1
+    with pytest.raises(ValueError, match=f"unknown key '{named}'"):
+        suite_from_dict(data)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attackers": ["thief"]}, "suite.attackers"),
+    ({"tasks": []}, "tasks is empty"),
+    ({"adversaries": [{"method": "full", "optimizer": "adam", "lr": 1e-3, "steps": 1, "batch_size": 1}]},
+     "optimizer"),
+    ({"adversaries": [{"method": "full", "optimizer": "sgd", "lr": -1.0, "steps": 1, "batch_size": 1}]},
+     "lr must be > 0"),
+    ({"adversaries": [{"method": "full", "optimizer": "sgd", "lr": 1.0, "batch_size": 1}]},
+     "missing 'steps'"),
+    ({"recovery": {"density": 1.5}}, "density"),
+])
+def test_bad_values_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        _small(**change)
+
+
+def test_yaml_files_validate_and_full_grid_is_tar_sized():
+    full, smoke = load_suite(ATTACKS / "full.yaml"), load_suite(ATTACKS / "smoke.yaml")
+    assert len(full.adversaries) >= 26
+    assert {a.optimizer for a in full.adversaries} == {"adamw", "sgd", "adafactor", "lion"}
+    assert {a.method for a in full.adversaries} == {"full", "lora"}
+    assert max(a.steps for a in full.adversaries) == 1000
+    cells = expand_cells(full, {"pmp": "p", "dense": "d"}, "mask", "regen")
+    for task in full.tasks:
+        for attacker in full.attackers:
+            advs = {c.adversary for c in cells
+                    if c.task == task and c.attacker == attacker and c.role == "pmp"}
+            assert len(advs) >= 26
+    assert len(cells) == len(full.adversaries) * len(full.tasks) * len(full.seeds) * (len(full.attackers) + 1)
+    smoke_cells = expand_cells(smoke, {"pmp": "p", "dense": "d"}, "mask", "regen")
+    assert len(smoke_cells) == 18 and max(a.steps for a in smoke.adversaries) <= 8
+
+
+def test_log_spaced_lrs():
+    assert log_spaced(1e-5, 1e-3, 3) == [1e-5, 1e-4, 1e-3]
+    assert log_spaced(1e-6, 1e-4, 5) == [1e-6, 3.16e-6, 1e-5, 3.16e-5, 1e-4]
+    s = _small()
+    assert [a.lr for a in s.adversaries if a.optimizer == "sgd"] == [1e-5, 1e-4, 1e-3]
+    assert len(s.adversaries) == 2 * 3 + 2  # {adamw, sgd} x 3 lrs + LoRA ranks {4, 8}
+    lora = [a for a in s.adversaries if a.method == "lora"]
+    assert [(a.lora_rank, a.lora_alpha, a.lora_target_modules) for a in lora] == [
+        (4, 8.0, ("q_proj",)), (8, 16.0, ("q_proj",))]
+
+
+def test_cell_ids_are_stable_and_sensitive():
+    s = _small()
+    cells = expand_cells(s, {"pmp": "p", "dense": "d"}, "m", None)
+    again = expand_cells(_small(), {"pmp": "p", "dense": "d"}, "m", None)
+    assert [c.id for c in cells] == [c.id for c in again]
+    assert len({c.id for c in cells}) == len(cells) == 8 * 2 * 2 * (3 + 1)
+    assert cells[0].id == "ad73507e8f8b9d16"  # pinned: a changed hash would orphan every results file
+    other_model = expand_cells(s, {"pmp": "p2", "dense": "d"}, "m", None)
+    assert {c.id for c in other_model if c.role == "pmp"}.isdisjoint(c.id for c in cells)
+    assert [c.id for c in other_model if c.role == "dense"] == [c.id for c in cells if c.role == "dense"]
+    other_mask = expand_cells(s, {"pmp": "p"}, "m2", None)
+    changed = {c.attacker for c, o in zip(cells, other_mask, strict=False) if c.id != o.id}
+    assert changed == {"authorized"}
+    with pytest.raises(ValueError, match="authorized"):
+        expand_cells(s, {"pmp": "p"}, None, None)
+    assert len(expand_cells(s, {"pmp": "p"}, None, None, attackers=["unauthorized"])) == 8 * 2 * 2
+
+
+# ----------------------------------------------------------------------------- resumable execution
+
+
+def _fake_record(cell, ctx):
+    return {"id": cell.id, "status": "ok", "gain": 0.5, "role": cell.role}
+
+
+def test_resume_skips_finished_cells(tmp_path, monkeypatch):
+    cells = expand_cells(_small(), {"pmp": "p"}, "m", None, attackers=["unauthorized"])
+    results = tmp_path / "results.jsonl"
+    with open(results, "w") as f:
+        for cell in cells[:5]:
+            f.write(json.dumps({"id": cell.id, "status": "ok"}) + "\n")
+        f.write('{"id": "torn')  # a killed writer's partial line
+    assert [c.id for c in execute.pending_cells(cells, results)] == [c.id for c in cells[5:]]
+    ran = []
+    monkeypatch.setattr(execute, "run_cell", lambda c, ctx: ran.append(c.id) or _fake_record(c, ctx))
+    execute.run_cells(cells, None, results)
+    assert ran == [c.id for c in cells[5:]]
+    assert execute.done_ids(results) == {c.id for c in cells}
+    ran.clear()
+    execute.run_cells(cells, None, results)
+    assert ran == []
+
+
+def test_failed_cells_are_not_written(tmp_path, monkeypatch):
+    cells = expand_cells(_small(), {"pmp": "p"}, "m", None, attackers=["unauthorized"])[:3]
+
+    def flaky(cell, ctx):
+        if cell is cells[1]:
+            raise RuntimeError("boom")
+        return _fake_record(cell, ctx)
+
+    monkeypatch.setattr(execute, "run_cell", flaky)
+    with pytest.raises(RuntimeError, match="1 cell"):
+        execute.run_cells(cells, None, tmp_path / "r.jsonl")
+    assert execute.done_ids(tmp_path / "r.jsonl") == {cells[0].id, cells[2].id}
+
+
+def test_slurm_array_shards_and_gathers(tmp_path, monkeypatch):
+    cells = expand_cells(_small(), {"pmp": "p"}, "m", None, attackers=["unauthorized"])[:5]
+    ctx = AttackContext(suite=_small(), models={"pmp": "p"}, model_ids={"pmp": "p"})
+    monkeypatch.setattr(execute, "run_cell", _fake_record)
+    results = tmp_path / "r.jsonl"
+    opts = execute.parse_slurm_options("cluster=debug,cells_per_task=2,max_concurrent=2,time=0:10:00")
+    jobs = execute.run_cells_slurm(cells, ctx, results, opts)
+    assert len(jobs) == 3
+    assert len(list((tmp_path / "r.jsonl.shards").glob("*.jsonl"))) == 3
+    assert [r["id"] for r in execute.read_results(results)] == [c.id for c in cells]
+    assert execute.run_cells_slurm(cells, ctx, results, opts) == []
+
+
+def test_slurm_options():
+    opts = execute.parse_slurm_options("partition=gpu,time=1-02:00:00,max_concurrent=8,mem_gb=64")
+    assert opts == {"partition": "gpu", "time": "1-02:00:00", "max_concurrent": 8, "mem_gb": 64}
+    assert execute._minutes("1-02:00:00") == 26 * 60
+    assert execute._minutes("90") == 90 and execute._minutes("1:30:30") == 91
+    with pytest.raises(ValueError, match="partitoin"):
+        execute.parse_slurm_options("partitoin=gpu")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _rec(role, attacker, adv, gain, **kw):
+    lr = {"A": 1e-4, "B": 1e-3, "C": 1e-2}[adv]
+    rec = {"id": f"{role}-{attacker}-{adv}", "status": "ok", "role": role, "model_id": role.upper(),
+           "rho": 0.5 if role == "pmp" else None, "suite": "synthetic", "task": "t", "attacker": attacker,
+           "adversary": f"full/adamw/lr={lr:g}", "adv_method": "full", "adv_optimizer": "adamw", "adv_lr": lr,
+           "adv_lora_rank": None, "seed": 0, "gain": gain, "curve": [[0, 3.0], [5, 3.0 - (gain or 0)]],
+           "pretrain_loss_before": 2.2 if role == "pmp" else 2.0, "forgetting": 0.01}
+    rec.update(kw)
+    return rec
+
+
+def test_report_numbers_on_synthetic_results(tmp_path):
+    records = [
+        _rec("pmp", "unauthorized", "A", 0.2), _rec("pmp", "unauthorized", "B", 0.1),
+        _rec("pmp", "unauthorized", "C", None, status="diverged"),
+        _rec("pmp", "recovery_global", "A", 0.3, iou=0.8), _rec("pmp", "recovery_init", "A", 0.25, iou=1.0),
+        _rec("pmp", "authorized", "A", 0.9), _rec("pmp", "authorized", "B", 0.7),
+        _rec("dense", "unauthorized", "A", 1.0), _rec("dense", "unauthorized", "B", 0.5),
+    ]
+    summary = report.write_report(records, tmp_path)
+    assert summary["base_loss_ratio"] == pytest.approx(1.1)
+    assert summary["gain_ratio"] == {"t": pytest.approx(0.3)}  # best keyless 0.3 / best dense 1.0
+    assert summary["authorized_gain_ratio"] == {"t": pytest.approx(0.9)}
+    assert summary["recovery_iou"] == {"recovery_global": 0.8, "recovery_init": 1.0}
+    assert report.matched_ratios(records, "PMP", "t", "unauthorized") == [pytest.approx(0.2)] * 2
+    text = (tmp_path / "report.md").read_text()
+    assert "Best attack per task" in text and "Mask recovery" in text and "Diverged cells" in text
+    assert (tmp_path / "loss_curves_t.png").stat().st_size > 0
+    assert not (tmp_path / "gain_ratio_vs_rho.png").exists()
+
+    rho9 = [dict(r, model_id="PMP9", rho=0.9, id=r["id"] + "9", gain=(r["gain"] or 0) * 2)
+            for r in records if r["role"] == "pmp"]
+    summary = report.write_report(records + rho9, tmp_path / "two")
+    assert [m["rho"] for m in summary["by_model"]] == [0.5, 0.9]
+    assert summary["by_model"][1]["gain_ratio"]["t"] == pytest.approx(0.6)
+    assert (tmp_path / "two" / "gain_ratio_vs_rho.png").exists()
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+def _tiny_cfg():
+    return ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                       ffn_hidden_size=32, vocab_size=64, seed=3)
+
+
+def _synthetic(complement_scale):
+    w0 = dict(recovery.iter_w0(_tiny_cfg()))
+    gen = torch.Generator().manual_seed(1)
+    true = {n: torch.rand(t.shape, generator=gen) < 0.4 for n, t in w0.items()}
+    weights = {n: torch.where(true[n], t + 0.02 * torch.randn(t.shape, generator=gen), complement_scale * t)
+               for n, t in w0.items()}
+    return w0, true, weights
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.87])  # frozen complement (= W0), decayed complement (c W0)
+@pytest.mark.parametrize("rule", ["threshold", "topk"])
+def test_init_regeneration_recovers_the_mask_exactly(scale, rule):
+    w0, true, weights = _synthetic(scale)
+    masks, info = recovery.recover("recovery_init", weights, density=recovery.mask_density(true),
+                                   w0=recovery.iter_w0(_tiny_cfg()), init_rule=rule)
+    assert recovery.iou(masks, true) == 1.0
+    assert info["scale_median"] == pytest.approx(scale)
+
+
+def test_init_regeneration_refuses_a_wrong_model_config():
+    _, _, weights = _synthetic(1.0)
+    wrong = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                        ffn_hidden_size=48, vocab_size=64, seed=3)
+    with pytest.raises(ValueError, match="wrong --model-config"):
+        recovery.recover("recovery_init", weights, w0=recovery.iter_w0(wrong))
+
+
+def test_magnitude_recovery_when_the_complement_is_shrunk():
+    _, true, weights = _synthetic(0.01)  # the projection shrank the complement 100x
+    density = recovery.mask_density(true)
+    for attacker in ("recovery_global", "recovery_per_tensor"):
+        masks, _ = recovery.recover(attacker, weights, density=density)
+        assert recovery.iou(masks, true) > 0.9, attacker
+    masks, info = recovery.recover("recovery_global", weights)  # density estimated (Otsu)
+    assert info["density_estimate"] == pytest.approx(density, abs=0.05)
+    assert recovery.iou(masks, true) > 0.85
+
+
+def test_kth_largest_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.rand(300, generator=gen), torch.rand(7, 9, generator=gen), torch.zeros(50)]
+    values = torch.cat([p.reshape(-1) for p in parts]).sort(descending=True).values
+    for k in (1, 2, 100, 363, 364, 413):
+        assert recovery.kth_largest(parts, k) == values[k - 1].item()
+
+
+# ----------------------------------------------------------------------------- optimizers, guard
+
+
+def test_lion_step():
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
+    opt = Lion([p], lr=0.1, weight_decay=0.0)
+    p.grad = torch.tensor([2.0, -3.0, 0.0])
+    opt.step()
+    assert torch.allclose(p.detach(), torch.tensor([0.9, -0.9, 0.5]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor", "lion"])
+def test_mask_guard_keeps_the_complement_bit_exact(optimizer):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    masks = {n: torch.rand(p.shape) < 0.5 for n, p in model.named_parameters()}
+    masks["1.bias"] = torch.zeros(4, dtype=torch.bool)  # a tensor entirely outside the mask
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    guard = MaskGuard(model, masks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(optimizer, params, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        guard.mask_grads()
+        opt.step()
+        opt.zero_grad()
+        guard.restore()
+    for n, p in model.named_parameters():
+        m = masks[n]
+        assert torch.equal(p.detach()[~m], before[n][~m]), n
+        if m.any():
+            assert not torch.equal(p.detach()[m], before[n][m]), n
+
+
+def test_suite_yaml_round_trip(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    assert load_suite(path) == _small()
+    with pytest.raises(ValueError, match="does not exist"):
+        load_suite(tmp_path / "missing.yaml")
+
+
+def test_bad_inputs_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from pmp_megatron.attack import cli, runner, tasks
+    from pmp_megatron.attack.suite import TaskSpec
+    from pmp_megatron.pmp import maskfile
+
+    with pytest.raises(ValueError, match="unknown task 'no_such_task'"):
+        tasks.resolve_source(TaskSpec(source="no_such_task"))
+    with pytest.raises(ValueError, match="unknown builtin domain"):
+        tasks.resolve_source(TaskSpec(source="builtin:nope"))
+    assert tasks.resolve_source(TaskSpec(source="code_test")) == "builtin:code_test"
+    with pytest.raises(ValueError, match="does not exist or has no config.json"):
+        runner.check_model_dir(tmp_path / "missing")
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text("{}")
+    save_file({"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4)}, str(release / "model.safetensors"))
+    maskfile.save({"a.weight": torch.ones(2, 3, dtype=torch.bool)}, tmp_path / "m1", rho=0.5)
+    with pytest.raises(ValueError, match=r"missing \['b.weight'\]"):
+        cli._check_mask_file(str(tmp_path / "m1"), release)
+    wrong_shape = {"a.weight": torch.ones(3, 2).bool(), "b.weight": torch.ones(4).bool()}
+    maskfile.save(wrong_shape, tmp_path / "m2", rho=0.5)
+    with pytest.raises(ValueError, match="'a.weight' has shape"):
+        cli._check_mask_file(str(tmp_path / "m2"), release)
