@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
+
 from pmp_megatron import mcore
 from pmp_megatron.config import config_from_dict
 from pmp_megatron.model.gpt import build_model
@@ -59,8 +61,9 @@ def load_global_masks(root, iteration: int | None = None):
     pmp_masks.attach_loaded(loaded["pmp_masks"], template)
     full = {}
     for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
-        (lo, gl), = info.local_slices()  # one process: a single block covering the real rows
-        full[name] = param.pmp_mask[lo].cpu()
+        full[name] = torch.zeros(info.global_shape, dtype=torch.bool)
+        for lo, gl in info.local_slices():  # drops padded rows; at TP=1 fc1 is still [gate; up]
+            full[name][gl] = param.pmp_mask[lo].cpu()
     return full, cfg
 
 

@@ -67,9 +67,10 @@ def sharded_state_dict(chunks, empty: bool = False) -> dict:
             param = by_ptr[data.data_ptr()]
             if data.shape != param.shape:  # a view of a fused buffer, not the parameter itself
                 continue
-            mask = param.pmp_mask
             if empty:
                 mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            else:
+                mask = param.pmp_mask
             # ShardedTensor and ShardedTensorFactory (SwiGLU fc1) alike: same placement, other key/data.
             fields = dict(key=MASK_PREFIX + sh.key, data=mask)
             if hasattr(sh, "dtype"):

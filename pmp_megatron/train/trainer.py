@@ -41,6 +41,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        self._tb = None
+        if cfg.checkpoint.async_save:
+            raise ValueError("checkpoint.async_save is not supported yet: saves are synchronous")
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -186,11 +189,23 @@ class Trainer:
                         self.cfg.checkpoint.keep_last)
 
     def _write_metrics(self, records: list[dict]) -> None:
-        if self.rank != 0 or not self.run_dir:
+        """Rank 0: append to ``metrics.jsonl`` in the run dir and, if configured, tensorboard scalars."""
+        if self.rank != 0:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        if self.run_dir:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        if self.cfg.logging.tensorboard_dir:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(self.cfg.logging.tensorboard_dir)
             for r in records:
-                f.write(json.dumps(r) + "\n")
+                for key, value in r.items():
+                    if key not in ("step", "stage") and isinstance(value, int | float):
+                        self._tb.add_scalar(f"{r['stage']}/{key}", value, r["step"])
+            self._tb.flush()
 
     def _num_params(self, model) -> int:
         import torch.distributed as dist

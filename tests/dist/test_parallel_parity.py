@@ -110,3 +110,14 @@ def test_ddp_distributed_optimizer_steps_match_single_process():
     assert ref_trace[-1][0] < ref_trace[0][0]
     for name, w in ref_weights.items():
         torch.testing.assert_close(weights[name], w, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.dist
+def test_bf16_with_megatron_mixed_precision_optimizer_matches_across_layouts():
+    # bf16 params + fp32 main params (Float16OptimizerWithFloat16Params): TP=2 follows one process to
+    # bf16 tolerance, and training still reduces the loss.
+    ref_trace, _ = spawn(_train, 1, ["model.params_dtype=bfloat16"], 1, 3)[0]
+    trace, _ = spawn(_train, 2, ["model.params_dtype=bfloat16", "parallel.tensor_model_parallel_size=2"], 2, 3)[0]
+    for (loss, _), (ref_loss, _) in zip(trace, ref_trace, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=2e-2)
+    assert trace[-1][0] < trace[0][0]

@@ -254,3 +254,11 @@ def test_diamond_include_is_not_a_cycle(tmp_path):
     _write(tmp_path / "r.yaml", "include: [base.yaml]\n")
     top = _write(tmp_path / "top.yaml", "include: [l.yaml, r.yaml]\n")
     assert load_config(top).pmp.rho == 0.3
+
+
+def test_warmup_longer_than_training_is_refused():
+    from pmp_megatron.config import config_from_dict
+
+    with pytest.raises(ValueError, match="optim.lr_warmup_steps"):
+        config_from_dict({"pmp": {"mode": "dense"}, "train": {"train_steps": 10},
+                          "optim": {"lr_warmup_steps": 10}})
