@@ -34,7 +34,9 @@ setup(
             "pmp-quickstart=pmp_megatron.cli:quickstart",
             "pmp-pretrain=pmp_megatron.cli:pretrain",
             "pmp-export-mask=pmp_megatron.cli:export_mask",
+            "pmp-release=pmp_megatron.cli:release",
             "pmp-attack=pmp_megatron.attack.cli:main",
+            "pmp-launch=pmp_megatron.launch.cli:main",
         ]
     },
 )

@@ -1,0 +1,219 @@
+"""Render, record and submit a pretraining job for Slurm.
+
+One code path, lingua-style: the sbatch script is ``slurm/pretrain.sbatch`` with its ``{{fields}}``
+filled in from ``SlurmOptions``; the run directory receives everything needed to reproduce or resume
+the run; the script is submitted with ``sbatch`` (``chain`` times, chained by ``--dependency=singleton``).
+
+Run directory layout::
+
+    <run dir>/config.yaml      the resolved config (YAML files + overrides), what every task loads
+    <run dir>/pretrain.sbatch  the exact script that was submitted (resubmit it to continue the run)
+    <run dir>/git.txt          commit SHA of this checkout and whether it had local changes
+    <run dir>/git.diff         those local changes (only when there are any)
+    <run dir>/jobs.txt         the Slurm job ids, one per line, appended on each submission
+    <run dir>/logs/            %x-%j.out per job (appended across requeues)
+    <run dir>/checkpoints/     checkpoint.dir, unless the config names one
+
+A dry run renders the script without touching the disk or Slurm; without an explicit run directory it
+shows ``<run-dir>`` in its place, so the output depends only on the arguments (golden-testable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pmp_megatron.config import Config, load_config, save_config
+
+__all__ = [
+    "REQUEUE_EXIT_CODE", "RUN_DIR_PLACEHOLDER", "TEMPLATE", "SlurmOptions", "Launch",
+    "render_template", "render_sbatch", "resolve_config", "write_run_dir", "submit", "launch",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
+RUN_DIR_PLACEHOLDER = "<run-dir>"
+REQUEUE_EXIT_CODE = 42  # the trainer's "checkpoint saved, requeue me" exit code
+
+_FIELD = re.compile(r"\{\{(\w+)(\|sh)?\}\}")
+
+
+@dataclass
+class SlurmOptions:
+    """What the job asks Slurm for. ``None`` leaves the matching ``#SBATCH`` line out."""
+
+    nodes: int  # nodes in the allocation
+    gpus_per_node: int  # GPUs per node (0: CPU-only, no --gpus-per-node request)
+    ntasks_per_node: int | None = None  # tasks (ranks) per node; default one per GPU
+    partition: str | None = None  # Slurm partition
+    account: str | None = None  # Slurm account to charge
+    time: str | None = None  # time limit per job segment, e.g. 04:00:00
+    container_image: str | None = None  # pyxis/enroot image for srun --container-image
+    cpus_per_task: int | None = None  # CPU cores per rank (data loader workers)
+    job_name: str | None = None  # job name, also the singleton chain key; default pmp-<config stem>
+    requeue_signal_seconds: int = 300  # USR2 this many seconds before the time limit
+    chain: int = 1  # number of back-to-back job segments to queue
+    trainer: str = "pmp-pretrain"  # the command each task runs (before --config ...)
+
+    @property
+    def tasks_per_node(self) -> int:
+        """Ranks per node."""
+        return self.gpus_per_node if self.ntasks_per_node is None else self.ntasks_per_node
+
+    @property
+    def world_size(self) -> int:
+        """Total ranks of the job."""
+        return self.nodes * self.tasks_per_node
+
+    def validate(self) -> SlurmOptions:
+        """Raise ValueError naming the first bad option; return self."""
+        checks = [
+            (self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}"),
+            (self.gpus_per_node >= 0, f"gpus_per_node must be >= 0, got {self.gpus_per_node}"),
+            (self.tasks_per_node >= 1,
+             f"ntasks_per_node must be >= 1, got {self.tasks_per_node} (set it when gpus_per_node is 0)"),
+            (self.cpus_per_task is None or self.cpus_per_task >= 1,
+             f"cpus_per_task must be >= 1, got {self.cpus_per_task}"),
+            (self.requeue_signal_seconds >= 1,
+             f"requeue_signal_seconds must be >= 1, got {self.requeue_signal_seconds}"),
+            (self.chain >= 1, f"chain must be >= 1, got {self.chain}"),
+            (bool(shlex.split(self.trainer)), "trainer must be a non-empty command"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("partition", "account", "time", "job_name", "container_image"):
+            value = getattr(self, name)
+            if value is not None and (not value or re.search(r"\s", value)):
+                raise ValueError(f"{name} must be a non-empty word without whitespace, got {value!r}")
+        return self
+
+
+def render_template(template: str, fields: Mapping[str, str | None]) -> str:
+    """Fill ``{{name}}`` (verbatim) and ``{{name|sh}}`` (shell-quoted) fields.
+
+    A line with a field whose value is None is dropped, so optional ``#SBATCH`` lines disappear.
+    """
+    lines = []
+    for line in template.splitlines(keepends=True):
+        names = [m.group(1) for m in _FIELD.finditer(line)]
+        unknown = [n for n in names if n not in fields]
+        if unknown:
+            raise ValueError(f"sbatch template field '{unknown[0]}' is not one of {sorted(fields)}")
+        if any(fields[n] is None for n in names):
+            continue
+        lines.append(_FIELD.sub(lambda m: shlex.quote(fields[m.group(1)]) if m.group(2)
+                                else str(fields[m.group(1)]), line))
+    return "".join(lines)
+
+
+def render_sbatch(options: SlurmOptions, run_dir: str | Path | None = None,
+                  overrides: Sequence[str] = (), template: str | None = None) -> str:
+    """The sbatch script for ``options``; ``run_dir`` None shows ``<run-dir>`` instead of a path."""
+    options.validate()
+    if options.job_name is None:
+        raise ValueError("job_name is required to render the script (launch() derives one from the config)")
+    text = TEMPLATE.read_text() if template is None else template
+    fields = {
+        "job_name": options.job_name,
+        "nodes": str(options.nodes),
+        "ntasks_per_node": str(options.tasks_per_node),
+        "gpus_per_node": str(options.gpus_per_node) if options.gpus_per_node else None,
+        "cpus_per_task": None if options.cpus_per_task is None else str(options.cpus_per_task),
+        "partition": options.partition,
+        "account": options.account,
+        "time": options.time,
+        "container_image": options.container_image,
+        "requeue_signal_seconds": str(options.requeue_signal_seconds),
+        "run_dir": RUN_DIR_PLACEHOLDER if run_dir is None else str(run_dir),
+        "overrides": shlex.join(overrides),
+        "trainer": shlex.join(shlex.split(options.trainer)),
+    }
+    return render_template(text, fields)
+
+
+def resolve_config(config_paths: Sequence[str | Path], overrides: Sequence[str], world_size: int,
+                   run_dir: Path | None = None) -> Config:
+    """Load and validate the config for ``world_size`` ranks; checkpoints default to ``run_dir``."""
+    if not config_paths:
+        raise ValueError("at least one config file is required (--config X.yaml)")
+    for path in config_paths:
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path} does not exist")
+    cfg = load_config([str(p) for p in config_paths], overrides, world_size=world_size)
+    if cfg.checkpoint.dir is None and run_dir is not None:
+        cfg.checkpoint.dir = str(run_dir / "checkpoints")
+    return cfg
+
+
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def write_run_dir(run_dir: Path, cfg: Config, script: str) -> Path:
+    """Write config.yaml, pretrain.sbatch, git.txt (+ git.diff) and logs/ into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    script_path = run_dir / "pretrain.sbatch"
+    script_path.write_text(script)
+    script_path.chmod(0o755)
+    sha = (_git("rev-parse", "HEAD") or "unknown").strip()
+    diff = _git("diff", "HEAD") or ""
+    (run_dir / "git.txt").write_text(f"commit {sha}\ndirty {bool(diff)}\nrepo {REPO}\n")
+    if diff:
+        (run_dir / "git.diff").write_text(diff)
+    return script_path
+
+
+def submit(script_path: Path, chain: int = 1) -> list[str]:
+    """``sbatch`` the script ``chain`` times (its singleton dependency runs them in order); job ids."""
+    job_ids = []
+    for _ in range(chain):
+        proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch {script_path} failed ({proc.returncode}): {proc.stderr.strip()}")
+        job_ids.append(proc.stdout.strip().split(";")[0])
+    with open(script_path.parent / "jobs.txt", "a") as f:
+        f.write("".join(f"{j}\n" for j in job_ids))
+    return job_ids
+
+
+@dataclass
+class Launch:
+    """What ``launch`` did: the script, the config, and (unless a dry run) the run dir and job ids."""
+
+    script: str
+    config: Config
+    run_dir: Path | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+
+def launch(config_paths: Sequence[str | Path], options: SlurmOptions, overrides: Sequence[str] = (),
+           run_dir: str | Path | None = None, dry_run: bool = False) -> Launch:
+    """Resolve the config, render the script, write the run dir and submit (or only render: dry run).
+
+    The default run dir is ``runs/<job name>-<YYYYmmdd-HHMMSS>`` under the current directory.
+    """
+    if options.job_name is None and config_paths:
+        options = dataclasses.replace(options, job_name=f"pmp-{Path(config_paths[0]).stem}")
+    options.validate()
+    if run_dir is None and not dry_run:
+        run_dir = Path("runs") / f"{options.job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = None if run_dir is None else Path(run_dir).resolve()
+    cfg = resolve_config(config_paths, overrides, options.world_size, run_dir)
+    script = render_sbatch(options, run_dir, overrides)
+    if dry_run:
+        return Launch(script=script, config=cfg, run_dir=run_dir)
+    script_path = write_run_dir(run_dir, cfg, script)
+    return Launch(script=script, config=cfg, run_dir=run_dir, job_ids=submit(script_path, options.chain))
