@@ -2,6 +2,7 @@
 
 - ``pmp-pretrain --config configs/X.yaml [key=value ...]`` (under torchrun or srun)
 - ``pmp-export-mask --checkpoint DIR --out FILE [--iteration N] [--force]``
+- ``pmp-release --checkpoint DIR --out HF_DIR [--mask FILE]``, ``pmp-release --audit --model DIR --mask FILE``
 - ``pmp-quickstart [--out DIR]``
 Also ``python -m pmp_megatron.cli <command> ...``.
 """
@@ -9,6 +10,7 @@ Also ``python -m pmp_megatron.cli <command> ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -64,9 +66,63 @@ def export_mask(argv=None) -> None:
     print(f"wrote {args.out} (sha256 {digest[:16]}...)")
 
 
+def release(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="pmp-release",
+        description="Write the dense Hugging Face Llama release of a checkpoint saved at any TP/PP layout "
+                    "(never the mask); with --mask, audit how much of the mask the release leaks. "
+                    "--audit audits an existing release instead.")
+    parser.add_argument("--checkpoint", help="checkpoint.dir of a run")
+    parser.add_argument("--iteration", type=int, default=None, help="default: the latest valid one")
+    parser.add_argument("--out", help="output release directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tokenizer-model", default=None, help="default: the run's data.tokenizer_model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--mask", default=None, help="the owner's private mask file: run the leakage audit")
+    parser.add_argument("--audit-seed", type=int, default=None,
+                        help="init seed for the init-regeneration attacker (default: the checkpoint's)")
+    parser.add_argument("--no-init-attack", action="store_true", help="skip the init-regeneration attacker")
+    parser.add_argument("--warn-level", type=float, default=0.5, help="warn above this mask-recovery IoU")
+    parser.add_argument("--audit", action="store_true", help="audit the existing release --model")
+    parser.add_argument("--model", help="release directory to audit (with --audit)")
+    parser.add_argument("--seed", type=int, default=None, help="init seed for the audit (with --audit)")
+    parser.add_argument("--model-config", default=None,
+                        help="YAML recipe of the released model for the init attacker (with --audit; "
+                             "default: derived from the release's config.json)")
+    args = parser.parse_args(argv)
+    if args.audit:
+        if not (args.model and args.mask):
+            parser.error("--audit needs --model and --mask")
+    elif not (args.checkpoint and args.out):
+        parser.error("--checkpoint and --out are required (or --audit --model DIR --mask FILE)")
+    if args.audit_seed is not None and args.no_init_attack:
+        parser.error("--audit-seed and --no-init-attack exclude each other")
+    _logging()
+    from pmp_megatron.release import audit
+
+    if args.audit:
+        cfg = audit.model_config_for_audit(args.model, args.seed, args.model_config) \
+            if args.seed is not None else None
+        report = audit.audit_release(args.model, args.mask, model_cfg=cfg, warn_level=args.warn_level)
+    else:
+        from pmp_megatron.release.from_checkpoint import AUDIT_FILE
+        from pmp_megatron.release.from_checkpoint import release as run
+
+        out = run(args.checkpoint, args.out, iteration=args.iteration, dtype=args.dtype,
+                  tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, mask=args.mask,
+                  audit_seed=args.audit_seed, init_attack=not args.no_init_attack,
+                  warn_level=args.warn_level)
+        print(f"wrote release {out}")
+        if args.mask is None:
+            return
+        report = json.loads((out / AUDIT_FILE).read_text())
+    print(audit.markdown_table(report))  # ends with the WARNING line when the mask leaks
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"pretrain": pretrain, "export-mask": export_mask, "quickstart": quickstart}
+    commands = {"pretrain": pretrain, "export-mask": export_mask, "release": release,
+                "quickstart": quickstart}
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: python -m pmp_megatron.cli {{{','.join(commands)}}} ...")
     commands[argv[0]](argv[1:])

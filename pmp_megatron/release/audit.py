@@ -1,0 +1,210 @@
+"""Leakage audit of a release: how much of the private mask can an attacker recover from the weights alone?
+
+The owner runs the mask-recovery attackers of ``attack.recovery`` on the released tensors and scores each
+recovered mask against the true one (the private mask file) by intersection over union, per tensor type
+(embed, q, k, v, o, gate, up, down, norms, lm_head) and over the whole model:
+
+- ``recovery_global``: global top-|w| at the mask's density (the attacker is assumed to know rho);
+- ``recovery_per_tensor``: the same inside every tensor;
+- ``recovery_init``: regenerate W0 from the init seed and find the entries that left ``c * W0``; only
+  when a model config with the seed is given (the seed is ``model.seed`` of the checkpoint's config).
+
+A random guess at density ``d`` scores ``d / (2 - d)`` (the ``chance_iou`` of the report). An overall IoU
+above ``warn_level`` (default 0.5) logs a loud WARNING: the release gives the mask away, and with it the
+protection (an attacker fine-tunes only the recovered entries, like the authorized owner).
+
+The report holds numbers only -- never the mask, its path or its hash -- so it may sit in the public
+release directory (``release_audit.json``); it is not a tensor and not in the release manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from pmp_megatron.attack import recovery
+from pmp_megatron.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TENSOR_TYPES = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norms", "lm_head")
+_SUFFIX_TYPES = (("embed_tokens.weight", "embed"), ("q_proj.weight", "q"), ("k_proj.weight", "k"),
+                 ("v_proj.weight", "v"), ("o_proj.weight", "o"), ("gate_proj.weight", "gate"),
+                 ("up_proj.weight", "up"), ("down_proj.weight", "down"), ("layernorm.weight", "norms"),
+                 ("model.norm.weight", "norms"), ("lm_head.weight", "lm_head"))
+DEFAULT_WARN_LEVEL = 0.5
+
+
+def tensor_type(hf_name: str) -> str:
+    """The audit's tensor type of an HF Llama parameter name."""
+    for suffix, kind in _SUFFIX_TYPES:
+        if hf_name.endswith(suffix):
+            return kind
+    raise ValueError(f"tensor {hf_name!r} is not a parameter of the HF Llama model")
+
+
+def check_mask_names(masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                     what: str = "mask file") -> None:
+    """ValueError unless ``masks`` has exactly the release's tensor names, with the same shapes."""
+    missing, extra = sorted(set(weights) - set(masks)), sorted(set(masks) - set(weights))
+    if missing or extra:
+        raise ValueError(f"{what} does not match the release names: missing {missing[:5]}, not in the "
+                         f"release {extra[:5]} (a mask of another model?)")
+    for name, w in weights.items():
+        if tuple(masks[name].shape) != tuple(w.shape):
+            raise ValueError(f"{what} tensor {name!r} has shape {tuple(masks[name].shape)}, the release "
+                             f"{tuple(w.shape)}")
+
+
+def iou_by_type(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """IoU of a recovered mask against the true one per tensor type (types present) and ``overall``."""
+    inter: dict[str, int] = {}
+    union: dict[str, int] = {}
+    for name, t in true.items():
+        p, kind = pred[name], tensor_type(name)
+        inter[kind] = inter.get(kind, 0) + int((p & t).sum())
+        union[kind] = union.get(kind, 0) + int((p | t).sum())
+    out = {k: inter[k] / union[k] if union[k] else 1.0 for k in TENSOR_TYPES if k in inter}
+    total = sum(union.values())
+    out["overall"] = sum(inter.values()) / total if total else 1.0
+    return out
+
+
+def density_by_type(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Fraction of True entries per tensor type (types present) and ``overall``."""
+    kept: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for name, m in masks.items():
+        kind = tensor_type(name)
+        kept[kind] = kept.get(kind, 0) + int(m.sum())
+        total[kind] = total.get(kind, 0) + m.numel()
+    out = {k: kept[k] / total[k] for k in TENSOR_TYPES if k in kept}
+    out["overall"] = sum(kept.values()) / max(1, sum(total.values()))
+    return out
+
+
+def chance_iou(density: float) -> float:
+    """Expected IoU of a uniformly random guess at ``density`` against a true mask of that density."""
+    return density / (2.0 - density) if density > 0 else 0.0
+
+
+def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Tensor],
+          w0: Iterable[tuple[str, torch.Tensor]] | None = None, release_dtype: str = "float32",
+          warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
+    """Run the recovery attackers on ``weights`` (HF name -> tensor) and score them against
+    ``true_masks``; ``w0`` (HF name, W0) pairs enable the init-regeneration attacker. Returns the report."""
+    check_mask_names(true_masks, weights)
+    true = {n: m.to(torch.bool) for n, m in true_masks.items()}
+    density = recovery.mask_density(true)
+    attackers: dict[str, dict] = {}
+    for name in ("recovery_global", "recovery_per_tensor", "recovery_init"):
+        if name == "recovery_init" and w0 is None:
+            continue
+        recovered, info = recovery.recover(name, weights, density=density, w0=w0, release_dtype=release_dtype)
+        attackers[name] = {"iou": iou_by_type(recovered, true),
+                           **{k: v for k, v in info.items() if isinstance(v, int | float)}}
+        del recovered
+    worst = max(attackers, key=lambda a: attackers[a]["iou"]["overall"])
+    max_iou = attackers[worst]["iou"]["overall"]
+    report = {
+        "mask_density": density,
+        "mask_density_by_type": density_by_type(true),
+        "chance_iou": chance_iou(density),
+        "num_parameters": sum(w.numel() for w in weights.values()),
+        "release_dtype": release_dtype,
+        "attackers": attackers,
+        "max_iou": max_iou,
+        "max_iou_attacker": worst,
+        "warn_level": warn_level,
+        "warning": None,
+    }
+    if max_iou > warn_level:
+        report["warning"] = (f"MASK LEAK: attacker {worst} recovers the private mask from the release alone "
+                             f"with IoU {max_iou:.3f} > warn level {warn_level} (chance: "
+                             f"{report['chance_iou']:.3f}); fine-tuning resistance cannot be relied on")
+        logger.warning("!" * 20 + " %s " + "!" * 20, report["warning"])
+    else:
+        logger.info("release audit: best mask recovery IoU %.3f (%s), chance %.3f, warn level %.2f",
+                    max_iou, worst, report["chance_iou"], warn_level)
+    return report
+
+
+def load_release(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF name -> tensor as stored, config.json) of a release directory."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not (model_dir / "config.json").is_file() or not files:
+        raise ValueError(f"{str(model_dir)!r} is not a release directory (config.json and *.safetensors)")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        weights.update(load_file(str(path)))
+    return weights, json.loads((model_dir / "config.json").read_text())
+
+
+def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: ModelConfig | None = None,
+                  warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
+    """Audit the release in ``model_dir`` against the private mask file ``mask_path``; ``model_cfg``
+    (with the init seed in ``seed``) enables the init-regeneration attacker."""
+    from pmp_megatron.pmp import maskfile
+
+    if not Path(mask_path).is_file():
+        raise ValueError(f"mask file {str(mask_path)!r} does not exist")
+    weights, hf_cfg = load_release(model_dir)
+    true, meta = maskfile.load(mask_path)
+    check_mask_names(true, weights, f"mask file {str(mask_path)!r}")
+    dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
+    w0 = recovery.iter_w0(model_cfg) if model_cfg is not None else None
+    report = audit(weights, true, w0=w0, release_dtype=dtype, warn_level=warn_level)
+    report["rho"] = meta["rho"]
+    report["init_seed_known"] = model_cfg is not None
+    return report
+
+
+def model_config_for_audit(model_dir: str | Path, seed: int, model_config: str | Path | None = None
+                           ) -> ModelConfig:
+    """The init config of a release for ``recovery_init``: the model section of ``model_config`` (a YAML
+    recipe) if given, else derived from the release's config.json; ``seed`` is the init seed."""
+    import dataclasses
+
+    if model_config is not None:
+        from pmp_megatron.config import config_from_dict, load_yaml
+
+        model = load_yaml(model_config).get("model", {})  # only the model section matters here
+        cfg = config_from_dict({"model": model, "pmp": {"mode": "dense"}})
+        return dataclasses.replace(cfg.model, seed=seed)
+    hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return recovery.model_config_from_hf(hf_cfg, seed)
+
+
+def markdown_table(report: Mapping) -> str:
+    """The report as a markdown table: one row per attacker, IoU per tensor type and overall (a type the
+    true mask leaves out entirely scores 0 against any non-empty guess), after the true mask's density."""
+    kinds = [k for k in TENSOR_TYPES if any(k in a["iou"] for a in report["attackers"].values())]
+    cols = ["attacker", "overall", *kinds, "recovered density"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    dens = report["mask_density_by_type"]
+    lines.append("| (true mask density) | " + " | ".join(f"{dens[k]:.4f}" if k in dens else "-"
+                                                         for k in ("overall", *kinds)) + " | |")
+    for name, a in report["attackers"].items():
+        cells = [name, f"{a['iou']['overall']:.4f}", *(f"{a['iou'][k]:.4f}" if k in a["iou"] else "-"
+                                                       for k in kinds), f"{a['recovered_density']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"mask density {report['mask_density']:.4f}; a random guess scores IoU "
+                 f"{report['chance_iou']:.4f}; warn level {report['warn_level']}")
+    if report.get("warning"):
+        lines.append(f"WARNING: {report['warning']}")
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping, path: str | Path) -> Path:
+    """Write the report (numbers only, no mask) as JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -1,0 +1,197 @@
+"""Read a training checkpoint's weights in ONE process, whatever TP/PP/VPP layout saved it, and write the
+Hugging Face release (``pmp-release``) -- without building the model or launching the original world.
+
+A checkpoint (``train.checkpoint``) is a megatron dist checkpoint: every parameter is one global tensor
+under its sharded-state key, reassembled from any layout by dist_checkpointing (torch_dist). On disk:
+
+- ``embedding.word_embeddings.weight`` and ``output_layer.weight``: ``[padded vocab, h]`` (the padding
+  depends on the TP of the run; rows past ``model.vocab_size`` are no parameters and are dropped);
+- the decoder layers STACKED along a leading layer axis: ``decoder.layers.self_attention.linear_qkv.weight``
+  ``[num_layers, (n_heads + 2 n_groups) d, h]``, ``...linear_qkv.layer_norm_weight`` ``[num_layers, h]``,
+  ``decoder.layers.mlp.linear_fc1.weight`` ``[num_layers, 2 ffn, h]`` (``[gate; up]`` globally), ...
+  (checkpoints saved with megatron's ``non_homogeneous_layers`` use ``decoder.layers.{i}.<name>`` keys;
+  both spellings are read);
+- ``decoder.final_layernorm.weight``; ``pmp_mask.<key>`` (the private masks) and ``optimizer.*`` keys.
+
+``iter_canonical_tensors`` loads one group at a time (the embedding, then each layer's slice of the stacked
+tensors, then the final norm and the output layer) with full-tensor ``ShardedTensor`` templates, so peak
+memory is about one layer plus the embedding. It never asks for a ``pmp_mask.*`` or ``optimizer.*`` key:
+a release built from this stream cannot contain a mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pmp_megatron import mcore
+from pmp_megatron.config import Config, config_from_dict
+from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
+from pmp_megatron.release.writer import write_release
+from pmp_megatron.train import checkpoint
+
+logger = logging.getLogger(__name__)
+
+AUDIT_FILE = "release_audit.json"
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
+
+
+def resolve_iteration(ckpt_root: str | Path, iteration: int | None = None) -> int:
+    """The iteration to read: ``iteration`` if its folder is complete, else the newest valid one."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory {str(root)!r} does not exist")
+    if iteration is None:
+        iteration = checkpoint.latest_valid(root)
+        if iteration is None:
+            raise ValueError(f"no valid iteration in checkpoint directory {str(root)!r} "
+                             f"(no complete iter_* folder)")
+    folder = checkpoint.iter_dir(root, iteration)
+    if not folder.is_dir():
+        found = checkpoint.complete_iterations(root)
+        raise ValueError(f"checkpoint {str(folder)!r} does not exist (iterations present: {found})")
+    try:
+        checkpoint.verify(folder)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"checkpoint iteration {iteration} is not valid: {e}") from e
+    return iteration
+
+
+def checkpoint_config(ckpt_root: str | Path, iteration: int) -> tuple[Config, dict]:
+    """(the run's Config, the checkpoint's common state) of a resolved iteration."""
+    mcore.init_distributed()
+    common = checkpoint.read_common(ckpt_root, iteration)
+    if "config" not in common:
+        raise ValueError(f"checkpoint {str(checkpoint.iter_dir(ckpt_root, iteration))!r} has no 'config' "
+                         f"in its common state (not written by pmp-pretrain?)")
+    return config_from_dict(common["config"]), common
+
+
+def _locate(name: str, shape: tuple[int, ...], metadata: dict, num_layers: int, folder: Path):
+    """(checkpoint key, layer index into a stacked tensor or None) of canonical ``name``."""
+    match = _LAYER.match(name)
+    candidates = [(name, None)]
+    if match:
+        candidates.append((f"decoder.layers.{match.group(2)}", int(match.group(1))))
+    for key, layer in candidates:
+        if key not in metadata:
+            continue
+        stored = tuple(metadata[key].global_shape)
+        want = shape if layer is None else (num_layers, *shape)
+        rows_ok = stored[0] >= want[0] if name.endswith(("word_embeddings.weight", "output_layer.weight")) \
+            else stored[0] == want[0]
+        if len(stored) != len(want) or not rows_ok or stored[1:] != want[1:]:
+            raise ValueError(f"checkpoint {str(folder)!r}: tensor {key!r} has global shape {stored}, "
+                             f"expected {want} from the checkpoint's model config")
+        return key, layer
+    raise ValueError(f"checkpoint {str(folder)!r} has no tensor for parameter {name!r} "
+                     f"(looked for {[k for k, _ in candidates]})")
+
+
+def _template(key: str, meta, layer: int | None):
+    """A full-tensor (or one-layer) ShardedTensor to load ``key`` into, in its stored dtype."""
+    shape = tuple(meta.global_shape)
+    if layer is None:
+        return mcore.ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
+    # Layer ``layer`` of the stacked tensor as a [1, ...] block (no prepended axis: megatron then reads
+    # it through torch DCP's general resharding, which needs no other rank to hold the other layers).
+    return mcore.ShardedTensor.from_rank_offsets(key, torch.empty((1, *shape[1:]), dtype=meta.dtype),
+                                                 (0, layer, shape[0]), replica_id=0)
+
+
+def _groups(names: list[str]) -> list[list[str]]:
+    """Canonical names in load order: one group before the layers, one per layer, one after."""
+    groups: dict[str, list[str]] = {}
+    seen_layer = False
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            seen_layer = True
+            group = f"layer {int(match.group(1))}"
+        else:
+            group = "after" if seen_layer else "before"
+        groups.setdefault(group, []).append(name)
+    return list(groups.values())
+
+
+def iter_canonical_tensors(ckpt_root: str | Path, iteration: int | None = None
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (canonical name, full unpadded fp32 tensor) of every parameter of a checkpoint.
+
+    Reads any TP/PP/VPP layout in this one process (torch.distributed is initialised as a world of one
+    if needed); loads one layer at a time; never reads masks or optimizer state.
+    """
+    iteration = resolve_iteration(ckpt_root, iteration)
+    cfg, _ = checkpoint_config(ckpt_root, iteration)
+    folder = checkpoint.iter_dir(ckpt_root, iteration)
+    metadata = mcore.dist_checkpointing.load_tensors_metadata(str(folder))
+    shapes = canonical_shapes(cfg.model)
+    where = {n: _locate(n, s, metadata, cfg.model.num_layers, folder) for n, s in shapes.items()}
+    for group in _groups(list(shapes)):
+        state = {n: _template(where[n][0], metadata[where[n][0]], where[n][1]) for n in group}
+        # One layer's slice of the stacked tensors does not cover them: skip the whole-tensor access check.
+        loaded = mcore.dist_checkpointing.load(state, str(folder), validate_access_integrity=False)
+        for name in group:
+            t = loaded.pop(name)
+            if where[name][1] is not None:
+                t = t[0]
+            if t.shape[0] != shapes[name][0]:  # padded vocabulary rows: not parameters of the real model
+                t = t[: shapes[name][0]].clone()
+            yield name, t.to(torch.float32)
+        del loaded, state
+
+
+def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = None, dtype: str = "float32",
+            tokenizer_model: str | None = None, overwrite: bool = False, mask: str | Path | None = None,
+            audit_seed: int | None = None, init_attack: bool = True, warn_level: float = 0.5,
+            max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write the dense Hugging Face release of a checkpoint; return its directory. Never includes a mask.
+
+    ``tokenizer_model`` defaults to the run's ``data.tokenizer_model``. With ``mask`` (the owner's private
+    mask file) the leakage audit (``release.audit``) runs on the written release and its IoU numbers go
+    to ``OUT/release_audit.json``; the init-regeneration attacker uses ``audit_seed`` (default: the
+    checkpoint's ``model.seed``) unless ``init_attack`` is False.
+    """
+    iteration = resolve_iteration(ckpt_root, iteration)
+    cfg, common = checkpoint_config(ckpt_root, iteration)
+    if mask is not None and not Path(mask).is_file():  # fail before the conversion, not after it
+        raise ValueError(f"mask file {str(mask)!r} does not exist")
+    if tokenizer_model is None:
+        tokenizer_model = cfg.data.tokenizer_model
+        if tokenizer_model is None:
+            logger.warning("the checkpoint's config names no data.tokenizer_model: "
+                           "the release has no tokenizer")
+        elif not Path(tokenizer_model).is_file():
+            raise ValueError(f"the checkpoint's tokenizer {tokenizer_model!r} (data.tokenizer_model) "
+                             f"does not exist here: pass tokenizer_model (--tokenizer-model)")
+    elif not Path(tokenizer_model).is_file():
+        raise ValueError(f"tokenizer model {tokenizer_model!r} does not exist")
+    p = cfg.parallel
+    source = {
+        "checkpoint": str(Path(ckpt_root).resolve()),
+        "iteration": iteration,
+        "pmp_mode": common.get("pmp_mode"),
+        "saved_layout": {"tensor_model_parallel_size": p.tensor_model_parallel_size,
+                         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                         "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size},
+    }
+    stream = (pair for name, t in iter_canonical_tensors(ckpt_root, iteration)
+              for pair in to_hf(name, t, cfg.model))
+    out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=tokenizer_model,
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    num = sum(math.prod(s) for s in canonical_shapes(cfg.model).values())
+    logger.info("released %s iteration %d (%d parameters, %s) to %s", ckpt_root, iteration, num, dtype, out)
+    if mask is not None:
+        from pmp_megatron.release import audit
+
+        seed = (cfg.model.seed if audit_seed is None else audit_seed) if init_attack else None
+        model_cfg = None if seed is None else dataclasses.replace(cfg.model, seed=seed)
+        report = audit.audit_release(out, mask, model_cfg=model_cfg, warn_level=warn_level)
+        audit.write_report(report, out / AUDIT_FILE)
+    return out

@@ -1,0 +1,86 @@
+"""The release leakage audit on synthetic tensors: a complement shrunk 100x is recovered by |w| with IoU ~1,
+an unshrunk one is not (IoU near chance) -- but the init-regeneration attacker recovers it exactly; a mask
+of other tensors is refused by name; the table and the loud warning."""
+
+import logging
+
+import pytest
+import torch
+
+from pmp_megatron.release import audit
+
+RHO = 0.3
+SHAPES = {
+    "model.embed_tokens.weight": (64, 32),
+    "model.layers.0.input_layernorm.weight": (32,),
+    "model.layers.0.self_attn.q_proj.weight": (32, 32),
+    "model.layers.0.self_attn.k_proj.weight": (16, 32),
+    "model.layers.0.self_attn.v_proj.weight": (16, 32),
+    "model.layers.0.self_attn.o_proj.weight": (32, 32),
+    "model.layers.0.post_attention_layernorm.weight": (32,),
+    "model.layers.0.mlp.gate_proj.weight": (48, 32),
+    "model.layers.0.mlp.up_proj.weight": (48, 32),
+    "model.layers.0.mlp.down_proj.weight": (32, 48),
+    "model.norm.weight": (32,),
+    "lm_head.weight": (64, 32),
+}
+
+
+def _synthetic(shrink: float, seed: int = 0):
+    """(released weights, true mask, W0): the masked-in entries moved away from W0 by training, the
+    complement is ``W0 / shrink`` (one scale for the whole model, like the projection)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, masks, w0 = {}, {}, {}
+    for name, shape in SHAPES.items():
+        init = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+        mask = torch.rand(shape, generator=gen) < RHO
+        trained = init + torch.randn(shape, generator=gen) * 0.02
+        weights[name] = torch.where(mask, trained, init / shrink)
+        masks[name], w0[name] = mask, init
+    return weights, masks, w0
+
+
+def test_tensor_types():
+    assert [audit.tensor_type(n) for n in SHAPES] == [
+        "embed", "norms", "q", "k", "v", "o", "norms", "gate", "up", "down", "norms", "lm_head"]
+    with pytest.raises(ValueError, match="not a parameter"):
+        audit.tensor_type("model.layers.0.pmp_mask")
+
+
+def test_shrunk_complement_is_recovered_by_magnitude(caplog):
+    weights, masks, _ = _synthetic(shrink=100.0)
+    with caplog.at_level(logging.WARNING):
+        report = audit.audit(weights, masks)
+    by_magnitude = report["attackers"]["recovery_global"]["iou"]
+    assert by_magnitude["overall"] > 0.9
+    assert report["attackers"]["recovery_per_tensor"]["iou"]["overall"] > 0.9
+    assert set(by_magnitude) == {*audit.TENSOR_TYPES, "overall"}
+    assert report["max_iou"] > 0.9 and report["warning"] and "MASK LEAK" in caplog.text
+    assert "recovery_init" not in report["attackers"]  # no W0 given
+    table = audit.markdown_table(report)
+    assert table.splitlines()[0].startswith("| attacker | overall | embed | q |")
+    assert "WARNING: MASK LEAK" in table
+
+
+def test_unshrunk_complement_is_not_recovered_by_magnitude_but_by_init():
+    weights, masks, w0 = _synthetic(shrink=1.0)
+    report = audit.audit(weights, masks, warn_level=0.5)
+    chance = audit.chance_iou(report["mask_density"])
+    assert report["chance_iou"] == pytest.approx(chance) and abs(report["mask_density"] - RHO) < 0.02
+    for name in ("recovery_global", "recovery_per_tensor"):
+        assert report["attackers"][name]["iou"]["overall"] < chance + 0.2, name
+    assert report["warning"] is None
+    with_init = audit.audit(weights, masks, w0=iter(w0.items()))
+    assert with_init["attackers"]["recovery_init"]["iou"]["overall"] == 1.0
+    assert with_init["max_iou_attacker"] == "recovery_init" and with_init["warning"]
+
+
+def test_mask_of_other_tensors_is_refused():
+    weights, masks, _ = _synthetic(shrink=100.0)
+    masks["model.layers.7.mlp.up_proj.weight"] = masks.pop("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="does not match the release names"):
+        audit.audit(weights, masks)
+    weights, masks, _ = _synthetic(shrink=100.0)
+    masks["model.norm.weight"] = masks["model.norm.weight"][:16]
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        audit.audit(weights, masks)
