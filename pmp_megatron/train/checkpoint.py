@@ -154,6 +154,8 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg) -> dic
     folder = iter_dir(root, iteration)
     verify(folder)
     common = read_common(root, iteration)
+    if common.get("iteration", iteration) == 0:
+        optimizer = None  # W0 (the rewind point) is saved before any step: Adam has no state yet
     state = build_sharded_state_dict(chunks, optimizer, cfg, common, is_loading=True)
     template = state.get("pmp_masks")
     try:

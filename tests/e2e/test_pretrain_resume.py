@@ -152,3 +152,20 @@ def test_export_mask_from_a_tp2_pp2_checkpoint(uninterrupted, tmp_path):
     again = subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "export-mask", "--checkpoint",
                             str(uninterrupted), "--out", str(out)], capture_output=True, text=True)
     assert again.returncode != 0 and "--force" in again.stderr
+
+
+@pytest.mark.e2e
+def test_resume_from_the_w0_checkpoint_skips_stage1(data, uninterrupted, tmp_path):
+    # A run preempted right after Stage I has only iteration 0 (W0 + masks, no optimizer state yet).
+    run_dir = tmp_path / "run_e"
+    shutil.copytree(uninterrupted, run_dir)
+    for it in (4, 6, 8):
+        shutil.rmtree(run_dir / f"iter_{it:07d}", ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink()
+    _run(1, _args(data, run_dir))
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r["stage"] == "discovery" for r in records)  # the saved masks were used
+    ref, got = _losses(uninterrupted), _losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5)
