@@ -36,15 +36,22 @@ def _leaf_optimizers(optimizer):
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
-def sync_main_params(optimizer) -> None:
-    """After editing model parameters in place, refresh the optimizer's fp32 main copies (if any)."""
+def _main_params(optimizer) -> dict[int, torch.Tensor]:
+    """id(model param) -> its fp32 main copy, for megatron's non-distributed mixed-precision optimizer."""
+    out = {}
     for opt in _leaf_optimizers(optimizer):
-        if hasattr(opt, "_copy_model_params_to_main_params"):
-            opt._copy_model_params_to_main_params()
+        for model_group, main_group in zip(getattr(opt, "float16_groups", []),
+                                           getattr(opt, "fp32_from_float16_groups", []), strict=True):
+            out.update({id(p): m for p, m in zip(model_group, main_group, strict=True)})
+    return out
 
 
 class MaskedUpdate:
-    """Applies the PMP update rule to a model whose parameters carry ``pmp_mask`` (see module docstring)."""
+    """Applies the PMP update rule to a model whose parameters carry ``pmp_mask`` (see module docstring).
+
+    The complement policies edit the tensors the optimizer actually steps: the fp32 main copies under
+    bf16/fp16 (then copied down to the model), the parameters themselves in fp32.
+    """
 
     def __init__(self, chunks, optimizer, cfg):
         self.cfg = cfg
@@ -60,9 +67,26 @@ class MaskedUpdate:
             return out
 
         tcfg.finalize_model_grads_func = finalize_then_mask
+        edits_complement = cfg.pmp.complement == "frozen" or cfg.pmp.projection
+        mixed = cfg.model.params_dtype != "float32"
+        if edits_complement and mixed and cfg.parallel.use_distributed_optimizer:
+            raise ValueError("pmp.complement=frozen and pmp.projection need model.params_dtype=float32 or "
+                             "parallel.use_distributed_optimizer=false with bf16/fp16 (the distributed "
+                             "optimizer's sharded fp32 copies are not edited yet)")
+        main = _main_params(optimizer) if mixed else {}
+        # (tensor the optimizer steps, mask, info) per parameter
+        self.targets = [(main.get(id(p), p), p.pmp_mask, info) for p, info in self.entries]
         self.frozen_values = None
         if cfg.pmp.complement == "frozen":
-            self.frozen_values = [p.detach()[~p.pmp_mask].clone() for p, _ in self.entries]
+            self.frozen_values = [t.detach()[~m].clone() for t, m, _ in self.targets]
+
+    def _publish(self) -> None:
+        """Make model params and optimizer copies agree after an edit of ``targets``."""
+        for opt in _leaf_optimizers(self.optimizer):
+            if self.cfg.model.params_dtype != "float32":
+                opt._copy_main_params_to_model_params()  # main (edited) -> bf16/fp16 model params
+            elif hasattr(opt, "_copy_model_params_to_main_params"):
+                opt._copy_model_params_to_main_params()  # fp32 model (edited) -> distributed shards
 
     @torch.no_grad()
     def mask_grads(self) -> None:
@@ -75,8 +99,8 @@ class MaskedUpdate:
         stats = {}
         changed = False
         if self.frozen_values is not None:
-            for (p, _), values in zip(self.entries, self.frozen_values, strict=True):
-                p.data.masked_scatter_(~p.pmp_mask, values)
+            for (t, m, _), values in zip(self.targets, self.frozen_values, strict=True):
+                t.data.masked_scatter_(~m, values)
             changed = True
         pmp = self.cfg.pmp
         if pmp.projection and step % pmp.projection_interval == 0:
@@ -84,22 +108,22 @@ class MaskedUpdate:
             stats["complement_norm"] = norm
             if norm > pmp.projection_radius:
                 scale = pmp.projection_radius / norm
-                for p, _ in self.entries:
-                    p.data.copy_(torch.where(p.pmp_mask, p.data, p.data * scale))
+                for t, m, _ in self.targets:
+                    t.data.copy_(torch.where(m, t.data, t.data * scale))
                 changed = True
                 stats["projected_norm"] = self.complement_norm()
         if changed:
-            sync_main_params(self.optimizer)
+            self._publish()
         return stats
 
     @torch.no_grad()
     def complement_norm(self) -> float:
         """Joint L2 norm of every complement entry of the whole model (each real entry counted once)."""
         sq = torch.zeros(1, dtype=torch.float64, device=mcore.device())
-        for p, info in self.entries:
+        for t, m, info in self.targets:
             if info.counted:
-                comp = ~p.pmp_mask & info.real(p.shape, device=p.device)
-                sq += p.data.double().pow(2)[comp].sum()
+                comp = ~m & info.real(m.shape, device=m.device)
+                sq += t.data.double().pow(2)[comp].sum()
         if dist.is_initialized():
             dist.all_reduce(sq, group=mcore.model_parallel_group())
         return math.sqrt(sq.item())

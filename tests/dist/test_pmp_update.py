@@ -54,11 +54,12 @@ LAYOUTS = {
     "tp2_pp2": (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 4),
     "tp2_dp2_distopt": (["parallel.tensor_model_parallel_size=2",
                          "parallel.use_distributed_optimizer=true"], 4),
+    "tp2_bf16": (["parallel.tensor_model_parallel_size=2", "model.params_dtype=bfloat16"], 2),
 }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["single", "tp2_pp2", "tp2_dp2_distopt"])
+@pytest.mark.parametrize("layout", ["single", "tp2_pp2", "tp2_dp2_distopt", "tp2_bf16"])
 def test_frozen_complement_is_w0_bit_for_bit(layout):
     overrides, world = LAYOUTS[layout]
     w0, weights, masks, trace, _ = spawn(_stage2, world, overrides, world, ["pmp.complement=frozen"])[0]
@@ -95,3 +96,26 @@ def test_projection_bounds_the_global_complement_norm(layout):
     assert before > 2.0 and after == pytest.approx(2.0, rel=1e-6)
     # One more (decaying) step after the projection at step 2: still inside the ball, barely moved.
     assert 2.0 * (1 - LR * WD) - 1e-6 <= full_norm <= 2.0 + 1e-6
+
+
+def _bf16_distopt_frozen():
+    from pmp_megatron.pmp.update import MaskedUpdate
+    from pmp_megatron.testing import attach_random_masks, init_debug_model
+    from pmp_megatron.train.optimizer import build_optimizer
+    from pmp_megatron.train.step import wrap_ddp
+
+    cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen",
+                                    "model.params_dtype=bfloat16", "parallel.use_distributed_optimizer=true"], 1)
+    model = wrap_ddp(chunks, cfg)
+    attach_random_masks(chunks, cfg, density=0.5)
+    try:
+        MaskedUpdate(model, build_optimizer(model, cfg), cfg)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.dist
+def test_unsupported_mixed_precision_distopt_policy_is_refused_by_name():
+    message = spawn(_bf16_distopt_frozen, 1)[0]
+    assert message is not None and "parallel.use_distributed_optimizer" in message

@@ -1,0 +1,473 @@
+"""Benchmark the cost of PMP's Stage II against the dense baseline, and of the Stage-I selection.
+
+One invocation, everything measured in the same run on ``--tp`` gloo processes (``pmp_megatron.testing
+.spawn``, TP = ``--tp``, DP = PP = 1), per model size (``--sizes``: ``debug`` = configs/model/debug.yaml
+with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base config):
+
+- **Stage-II step, PMP vs dense.** Two models built from the same W0 in the same processes: a dense one
+  and a PMP one (masks from a real Stage-I selection at ``--rho``, ``MaskedUpdate`` with
+  ``--complement``). One step is the trainer loop's body: zero the grad buffers, ``forward_backward`` over
+  the microbatches, ``optimizer.step`` (clipping inside), ``scheduler.step`` and, for PMP, the gradient
+  masking inside ``finalize_model_grads`` plus ``after_step``. The two variants run in alternating blocks
+  of ``--block`` steps (ABBA order) after ``--warmup`` steps each, so machine noise hits both equally;
+  each step starts after a barrier and the slower rank counts. Medians are reported, of wall-clock time
+  (the headline) and of process CPU time (less sensitive to other jobs on a shared machine).
+- **Full Trainer step.** ``Trainer._loop`` itself, driven with synthetic batches (no checkpoints, no
+  eval), for both variants with the same models, again in alternating blocks. Iterations are delimited
+  by the end of the loop's setup (``_num_params``, answered from a cached count) and the end of each
+  iteration (``signals.stop_agreed``, wrapped), so one timed iteration is exactly one pass of the loop:
+  the step, the record, the (rare) log line and the preemption check.
+- **Where the PMP overhead goes.** ``MaskedUpdate.mask_grads`` and ``MaskedUpdate.after_step`` are timed
+  separately on every PMP step; each Stage-II step is also split by call (zero, forward-backward,
+  optimizer step, scheduler step, after_step), and one ``optimizer.step`` per variant is profiled op by
+  op at the end (the three ops with the largest PMP-dense difference are printed). On CPU, for example,
+  ``aten::sqrt`` is several times slower on exact zeros, and the masked complement's Adam second moments
+  are exactly zero.
+- **Mask storage.** Bytes of ``param.pmp_mask`` per local parameter (summed over ranks), and in bits.
+- **Selection vs backward.** ``global_topk_masks`` over the ``main_grad`` right after a forward-backward
+  (the Stage-I selection at ``--rho``) against that forward-backward's time (forward + backward +
+  ``finalize_model_grads``).
+
+A table goes to stdout, then the last line: ``step_ratio=<f> mask_bits_per_param=<f>
+select_over_backward=<f>`` for the debug model (or the first size given): the Stage-II wall-clock
+ratio PMP/dense, the measured mask bits per parameter, and the selection/forward-backward ratio.
+Progress goes to stderr.
+
+    python tools/bench_pmp.py                       # debug and 50m: a few minutes on 2 cores
+    python tools/bench_pmp.py --steps 2 --warmup 1 --sizes debug
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+# Model sizes: overrides on top of configs/model/debug.yaml (the debug model keeps its trainer defaults:
+# 8 microbatches of 4 x 64 tokens at DP=1), and caps on --steps / --warmup / the selection repeats that
+# keep the 50M model (seconds per step on 2 cores) within a few minutes.
+SIZES = {
+    "debug": dict(overrides=[], caps=dict(steps=None, warmup=None, select=None)),
+    "50m": dict(overrides=["model.num_layers=13", "model.hidden_size=512", "model.num_attention_heads=8",
+                           "model.num_query_groups=8", "model.ffn_hidden_size=1408", "model.vocab_size=8000",
+                           "model.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4"],
+                caps=dict(steps=8, warmup=2, select=3)),
+}
+VARIANTS = ("dense", "pmp")
+# The calls of one Stage-II step, in order (after_step: PMP only, nothing for dense).
+PARTS = ("zero grad buffers", "forward_backward (PMP: + mask_grads)", "optimizer.step (clip inside)",
+         "scheduler.step", "after_step")
+_T0 = time.time()
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_pmp {time.time() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, CPU time of this process, all threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: tuple[float, float], t1: tuple[float, float] | None = None) -> tuple[float, float]:
+    t1 = t1 or _clock()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
+def _interleave(run_block, steps: int, warmup: int, block: int) -> dict[str, list[tuple[float, float]]]:
+    """Per-step (wall, CPU) times of both variants: ``warmup`` untimed steps each, then alternating
+    blocks of ``block`` steps in ABBA order until each has ``steps``."""
+    for v in VARIANTS:
+        if warmup:
+            run_block(v, warmup)
+    times: dict[str, list] = {v: [] for v in VARIANTS}
+    r = 0
+    while any(len(times[v]) < steps for v in VARIANTS):
+        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            n = min(block, steps - len(times[v]))
+            if n > 0:
+                times[v] += run_block(v, n)
+        r += 1
+    return times
+
+
+def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: str, steps: int,
+            warmup: int, block: int, select_steps: int, t0: float) -> dict:
+    """One rank: build the dense and the PMP model, run every measurement, return the raw times."""
+    global _T0
+    _T0 = t0  # progress lines count from the parent's start
+    import torch
+    import torch.distributed as dist
+
+    from pmp_megatron import mcore
+    from pmp_megatron.model.gpt import build_model
+    from pmp_megatron.model.params import shard_infos
+    from pmp_megatron.pmp import masks as pmp_masks
+    from pmp_megatron.pmp.select import global_topk_masks
+    from pmp_megatron.pmp.update import MaskedUpdate
+    from pmp_megatron.testing import debug_config, init_debug_model, synthetic_batches
+    from pmp_megatron.train import signals
+    from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
+    from pmp_megatron.train.step import forward_backward, wrap_ddp
+    from pmp_megatron.train.trainer import Trainer
+
+    world = tp
+    base = [*overrides, f"parallel.tensor_model_parallel_size={tp}"]
+    cfg_dense, dense_chunks = init_debug_model(base, world)
+    cfg_pmp = debug_config([*base, "pmp.mode=pmp", f"pmp.rho={rho}", f"pmp.complement={complement}"],
+                           world).validate(world)
+
+    def log(msg):
+        if dist.get_rank() == 0:
+            _log(f"{name}: {msg}")
+
+    vocab = cfg_dense.model.vocab_size
+    infos = shard_infos(dense_chunks, vocab)
+    n_params = torch.tensor([sum(i.numel() for _, i in infos.values() if i.counted)], dtype=torch.float64)
+    dist.all_reduce(n_params, group=mcore.model_parallel_group())
+    n_params = int(n_params.item())
+    num_micro, mbs = cfg_dense.num_microbatches(world), cfg_dense.train.micro_batch_size
+    batches = synthetic_batches(cfg_dense, num_micro * mcore.dp_size(), mbs, seed=0)
+    batches = batches[mcore.dp_rank()::mcore.dp_size()]
+    log(f"{n_params:,} parameters, {num_micro} microbatches of {mbs}x{cfg_dense.model.seq_length} tokens")
+
+    horizon = 10**6  # scheduler length: far beyond any step of this run
+    dense_model = wrap_ddp(dense_chunks, cfg_dense)
+    dense_opt = build_optimizer(dense_model, cfg_dense)
+    dense_sched = build_scheduler(dense_opt, cfg_dense, train_steps=horizon)
+
+    def zero(model, opt):
+        for m in model:
+            m.zero_grad_buffer()
+        opt.zero_grad()
+
+    # --- Stage-I selection vs forward-backward, on the dense model (plain all-reduce, as in Stage I).
+    log(f"Stage-I selection vs forward-backward ({warmup} warmup + {select_steps} timed)")
+    sel_t, fb_t = [], []
+    masks = None
+    for i in range(warmup + select_steps):
+        zero(dense_model, dense_opt)
+        dist.barrier()
+        t0 = time.perf_counter()
+        forward_backward(dense_model, batches, cfg_dense)
+        t1 = time.perf_counter()
+        masks, _ = global_topk_masks({n: (p.main_grad, inf) for n, (p, inf) in infos.items()}, rho)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fb_t.append(t1 - t0)
+            sel_t.append(t2 - t1)
+
+    # --- The PMP model: the same W0 (a fresh build from the seed), masks from the selection above.
+    pmp_chunks = build_model(cfg_pmp)
+    pmp_masks.attach(pmp_chunks, vocab, masks)
+    pmp_model = wrap_ddp(pmp_chunks, cfg_pmp)
+    pmp_opt = build_optimizer(pmp_model, cfg_pmp)
+    pmp_sched = build_scheduler(pmp_opt, cfg_pmp, train_steps=horizon)
+    rule = MaskedUpdate(pmp_model, pmp_opt, cfg_pmp)
+    local = [p for c in pmp_chunks for p in c.parameters()]
+    storage = dict(
+        mask_bytes=sum(p.pmp_mask.element_size() * p.pmp_mask.numel() for p in local),
+        extra_bytes=sum(v.element_size() * v.numel() for v in rule.frozen_values or []),
+        local_params=sum(p.numel() for p in local),
+    )
+    density = pmp_masks.density(pmp_chunks, vocab)
+
+    # Time the two PMP hooks separately (the finalize wrapper looks ``mask_grads`` up on the instance).
+    hook_t: dict[str, list[float]] = {"mask_grads": [], "after_step": []}
+    inner_mask, inner_after = rule.mask_grads, rule.after_step
+
+    def timed_mask_grads():
+        t0 = time.perf_counter()
+        inner_mask()
+        hook_t["mask_grads"].append(time.perf_counter() - t0)
+
+    def timed_after_step(step):
+        t0 = time.perf_counter()
+        out = inner_after(step)
+        hook_t["after_step"].append(time.perf_counter() - t0)
+        return out
+
+    rule.mask_grads, rule.after_step = timed_mask_grads, timed_after_step
+
+    setups = {"dense": (dense_model, dense_opt, dense_sched, None, cfg_dense),
+              "pmp": (pmp_model, pmp_opt, pmp_sched, rule, cfg_pmp)}
+    iteration = {v: 0 for v in VARIANTS}
+
+    # --- Stage-II step: the trainer loop's body (the same calls as Trainer._loop), called directly.
+    # Each step is also split into its calls (PARTS), to see where a difference comes from.
+    parts: dict[str, dict[str, list]] = {v: {k: [] for k in PARTS} for v in VARIANTS}
+
+    def stage2_block(variant, n):
+        model, opt, sched, upd, cfg = setups[variant]
+        out = []
+        for _ in range(n):
+            dist.barrier()
+            t = [_clock()]
+            zero(model, opt)
+            t.append(_clock())
+            forward_backward(model, batches, cfg)
+            t.append(_clock())
+            opt.step()
+            t.append(_clock())
+            sched.step(1)
+            t.append(_clock())
+            iteration[variant] += 1
+            if upd is not None:
+                upd.after_step(iteration[variant])
+            t.append(_clock())
+            out.append(_since(t[0], t[-1]))
+            for k, a, b in zip(PARTS, t, t[1:], strict=False):
+                parts[variant][k].append(_since(a, b))
+        return out
+
+    log(f"Stage-II step, dense vs PMP ({warmup} warmup + {steps} timed each, blocks of {block})")
+    stage2 = _interleave(stage2_block, steps, warmup, block)
+    hooks = {k: v[-steps:] for k, v in hook_t.items()}
+    parts = {v: {k: ts[-steps:] for k, ts in by_part.items()} for v, by_part in parts.items()}
+
+    # --- The full Trainer loop (Trainer._loop), the same models, synthetic data, no checkpoints or eval.
+    def microbatches(dataset, consumed):
+        while True:
+            yield batches
+
+    trainers = {}
+    for variant, (_, _, _, _, cfg) in setups.items():
+        tcfg = copy.deepcopy(cfg)
+        tcfg.train.eval_interval = 0
+        tcfg.logging.log_interval = 10**9
+        tcfg.checkpoint.dir = None
+        tr = Trainer(tcfg)
+        tr.world, tr.rank, tr.num_micro, tr.train_ds = world, dist.get_rank(), num_micro, None
+        tr._microbatches = microbatches
+        trainers[variant] = tr
+
+    # Iteration boundaries: the loop's setup ends with ``_num_params`` (answered from the count above,
+    # stamped) and each iteration ends with ``signals.stop_agreed()`` (wrapped: stamped after it), so the
+    # differences of consecutive stamps are exactly the loop's iterations.
+    stamps: list[tuple[float, float]] = []
+    real_stop = signals.stop_agreed
+
+    def stop_and_stamp():
+        out = real_stop()
+        stamps.append(_clock())
+        return out
+
+    def count_and_stamp(model):
+        stamps.append(_clock())
+        return n_params
+
+    def trainer_block(variant, n):
+        model, opt, sched, upd, _ = setups[variant]
+        tr = trainers[variant]
+        tr._num_params = count_and_stamp
+        tr.cfg.train.train_steps = iteration[variant] + n
+        stamps.clear()
+        signals.stop_agreed = stop_and_stamp
+        try:
+            dist.barrier()
+            tr._loop(model, opt, sched, upd, iteration[variant])
+        finally:
+            signals.stop_agreed = real_stop
+        iteration[variant] += n
+        assert len(stamps) == n + 1, (len(stamps), n)
+        return [_since(a, b) for a, b in zip(stamps, stamps[1:], strict=False)]
+
+    # No separate warmup: the models are warm from the Stage-II steps above.
+    log(f"Trainer._loop, dense vs PMP ({steps} timed each, blocks of {block})")
+    trainer = _interleave(trainer_block, steps, 0, block)
+
+    # --- One profiled optimizer.step per variant (op-level self CPU time), to attribute a difference in
+    # optimizer.step to its ops. It re-applies the last gradients; nothing is timed after it.
+    log("profiling one optimizer.step per variant")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" error line on CPU
+    opt_ops = {}
+    for variant, (_, opt, _, _, _) in setups.items():
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        opt_ops[variant] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    log("measurements done")
+
+    return dict(params=n_params, num_micro=num_micro, mbs=mbs, seq=cfg_dense.model.seq_length,
+                density=density, select=sel_t, fwd_bwd=fb_t, stage2=stage2, trainer=trainer, hooks=hooks,
+                parts=parts, opt_ops=opt_ops,
+                **storage)
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def _max_over_ranks(lists):
+    return [max(vals) for vals in zip(*lists, strict=True)]
+
+
+def _median_ms(xs) -> float:
+    return 1e3 * statistics.median(xs)
+
+
+def _iqr_ms(xs) -> str:
+    if len(xs) < 2:
+        return "-"
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return f"{1e3 * q[0]:.1f}-{1e3 * q[2]:.1f}"
+
+
+def _ratio_ci(dense, pmp, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(pmp) / median(dense) (steps resampled independently)."""
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(pmp, k=len(pmp)))
+                    / statistics.median(rng.choices(dense, k=len(dense))) for _ in range(resamples))
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
+def summarize(name: str, ranks: list[dict], steps: int, warmup: int) -> dict:
+    """Per-step times combined over ranks (the slower rank per step), medians and ratios."""
+    r0 = ranks[0]
+    out = dict(name=name, steps=steps, warmup=warmup,
+               **{k: r0[k] for k in ("params", "num_micro", "mbs", "seq", "density")})
+    local_params = sum(r["local_params"] for r in ranks)
+    out["mask_bytes_per_param"] = sum(r["mask_bytes"] for r in ranks) / local_params
+    out["mask_bits_per_param"] = 8 * out["mask_bytes_per_param"]
+    out["extra_bytes_per_param"] = sum(r["extra_bytes"] for r in ranks) / local_params
+    for kind in ("stage2", "trainer"):
+        for v in VARIANTS:
+            for i, clock in enumerate(("wall", "cpu")):
+                out[f"{kind}_{v}_{clock}"] = _max_over_ranks([[t[i] for t in r[kind][v]] for r in ranks])
+        for clock in ("wall", "cpu"):
+            d, p = out[f"{kind}_dense_{clock}"], out[f"{kind}_pmp_{clock}"]
+            out[f"{kind}_ratio_{clock}"] = statistics.median(p) / statistics.median(d)
+            out[f"{kind}_ci_{clock}"] = _ratio_ci(d, p)
+    out["step_ratio"] = out["stage2_ratio_wall"]
+    out["select"] = _max_over_ranks([r["select"] for r in ranks])
+    out["fwd_bwd"] = _max_over_ranks([r["fwd_bwd"] for r in ranks])
+    out["select_over_backward"] = statistics.median(out["select"]) / statistics.median(out["fwd_bwd"])
+    for hook in ("mask_grads", "after_step"):
+        out[hook] = _max_over_ranks([r["hooks"][hook] for r in ranks])
+    for v in VARIANTS:
+        for k in PARTS:
+            for i, clock in enumerate(("wall", "cpu")):
+                per_rank = [[t[i] for t in r["parts"][v][k]] for r in ranks]
+                out[f"part_{v}_{k}_{clock}"] = _max_over_ranks(per_rank)
+    ops = {v: {} for v in VARIANTS}  # op -> self CPU seconds, mean over ranks
+    for r in ranks:
+        for v in VARIANTS:
+            for op, t in r["opt_ops"][v].items():
+                ops[v][op] = ops[v].get(op, 0.0) + t / len(ranks)
+    names = set(ops["dense"]) | set(ops["pmp"])
+    out["opt_ops"] = sorted(((op, ops["dense"].get(op, 0.0), ops["pmp"].get(op, 0.0)) for op in names
+                             if not op.startswith("Optimizer.step")), key=lambda x: x[1] - x[2])[:3]
+    # The ratio if the PMP step differed from the dense one by its two hooks only.
+    out["hook_ratio"] = 1 + ((statistics.median(out["mask_grads"]) + statistics.median(out["after_step"]))
+                             / statistics.median(out["stage2_dense_wall"]))
+    return out
+
+
+def print_table(results: list[dict], args) -> None:
+    print(f"PMP benchmark: TP={args.tp} ({args.tp} gloo processes, CPU), rho={args.rho}, "
+          f"complement={args.complement}; dense and PMP interleaved in blocks of {args.block} steps (ABBA); "
+          "medians over steps of the slower rank; 95% bootstrap interval of the ratio; IQR in ms")
+    w = 46
+    for r in results:
+        print()
+        print(f"== {r['name']}: {r['params']:,} parameters ({r['params'] / 1e6:.1f}M), {r['num_micro']} "
+              f"microbatches x {r['mbs']} x {r['seq']} tokens per step, mask density {r['density']:.4f}, "
+              f"{r['warmup']} warmup + {r['steps']} timed steps per variant")
+        print(f"{'measurement':<{w}}{'dense ms':>10}{'PMP ms':>10}{'PMP/dense':>11}{'95% interval':>16}"
+              "   IQR dense | PMP")
+        for kind, label in (("stage2", "Stage-II step (= trainer loop body)"),
+                            ("trainer", "Trainer._loop iteration")):
+            for clock, clock_label in (("wall", "wall"), ("cpu", "CPU time")):
+                d, p = r[f"{kind}_dense_{clock}"], r[f"{kind}_pmp_{clock}"]
+                lo, hi = r[f"{kind}_ci_{clock}"]
+                print(f"{f'{label}, {clock_label}':<{w}}{_median_ms(d):>10.2f}{_median_ms(p):>10.2f}"
+                      f"{r[f'{kind}_ratio_{clock}']:>11.4f}{f'{lo:.3f}-{hi:.3f}':>16}   "
+                      f"{_iqr_ms(d)} | {_iqr_ms(p)}")
+        pmp_step = _median_ms(r["stage2_pmp_wall"])
+        mg, af = _median_ms(r["mask_grads"]), _median_ms(r["after_step"])
+        for hook, t in (("mask_grads (in finalize_model_grads)", mg), ("after_step", af)):
+            print(f"{'  PMP hook ' + hook:<{w}}{'':>10}{t:>10.3f}{t / pmp_step:>11.2%}   of the PMP step")
+        delta = pmp_step - _median_ms(r["stage2_dense_wall"])
+        lo, hi = r["stage2_ci_wall"]
+        hooks = (f"the PMP hooks take {mg + af:.2f} ms (mask_grads {mg:.2f}, after_step {af:.2f}), i.e. "
+                 f"ratio {r['hook_ratio']:.4f} if nothing else differed")
+        if r["step_ratio"] > 1.01:
+            verdict = ("within the noise: the 95% interval contains the hooks' ratio"
+                       if lo <= r["hook_ratio"] <= hi else "beyond the noise: the 95% interval excludes "
+                       "the hooks' ratio")
+            print(f"  PMP overhead: ratio {r['step_ratio']:.4f} > 1.01, {delta:+.2f} ms per step; {hooks}; "
+                  f"the other {delta - mg - af:.2f} ms are outside the hooks, {verdict}")
+        else:
+            print(f"  PMP overhead: ratio {r['step_ratio']:.4f} <= 1.01 ({delta:+.2f} ms per step); {hooks}")
+        print(f"{'  Stage-II step by call (medians, slower rank)':<{w}}{'dense ms':>10}{'PMP ms':>10}"
+              f"{'PMP-dense':>11}{'CPU dense':>11}{'CPU PMP':>10}{'CPU diff':>10}")
+        for k in PARTS:
+            dw, pw, dc, pc = (_median_ms(r[f"part_{v}_{k}_{c}"]) for c in ("wall", "cpu") for v in VARIANTS)
+            print(f"{'    ' + k:<{w}}{dw:>10.2f}{pw:>10.2f}{pw - dw:>+11.2f}"
+                  f"{dc:>11.2f}{pc:>10.2f}{pc - dc:>+10.2f}")
+        top = ", ".join(f"{op} {1e3 * d:.1f} -> {1e3 * p:.1f} ({1e3 * (p - d):+.1f})"
+                        for op, d, p in r["opt_ops"])
+        print(f"    optimizer.step ops, largest PMP-dense difference (1 profiled step, self CPU ms): {top}")
+        sel, fb = _median_ms(r["select"]), _median_ms(r["fwd_bwd"])
+        print(f"{f'Stage-I selection (global_topk_masks) [n={len(r["select"])}]':<{w}}{'':>10}{sel:>10.2f}"
+              f"   / forward+backward {fb:.2f} ms = {r['select_over_backward']:.4f}")
+        print(f"{'mask storage (param.pmp_mask, local)':<{w}}{'':>20}   {r['mask_bytes_per_param']:.4f} "
+              f"bytes/param = {r['mask_bits_per_param']:.4f} bits/param")
+        if r["extra_bytes_per_param"]:
+            print(f"{'frozen-complement copy (MaskedUpdate)':<{w}}{'':>20}   "
+                  f"{r['extra_bytes_per_param']:.4f} bytes/param")
+    print()
+    print("The Stage-II step is the Trainer loop body (the same calls); the Trainer._loop rows run the "
+          "Trainer's own loop. step_ratio below = Stage-II wall-clock PMP/dense.")
+
+
+def _capped(value: int, cap: int | None) -> int:
+    return value if cap is None else min(value, cap)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20,
+                    help="timed steps per variant and measurement (50m: at most 8; its selection: 3)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (50m: at most 2)")
+    ap.add_argument("--block", type=int, default=2, help="steps per block when alternating the variants")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size = number of gloo processes")
+    ap.add_argument("--sizes", default="debug,50m", help=f"comma-separated, of {sorted(SIZES)}")
+    ap.add_argument("--rho", type=float, default=0.5, help="mask density (Stage-I top-k fraction)")
+    ap.add_argument("--complement", default="decay", choices=["decay", "frozen"])
+    args = ap.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    if args.steps < 1 or args.warmup < 0 or args.block < 1 or args.tp < 1:
+        ap.error("--steps, --block and --tp must be >= 1, --warmup >= 0")
+
+    from pmp_megatron.testing import spawn
+
+    results = []
+    for name in sizes:
+        caps = SIZES[name]["caps"]
+        steps, warmup = _capped(args.steps, caps["steps"]), _capped(args.warmup, caps["warmup"])
+        select = _capped(args.steps, caps["select"])
+        _log(f"{name}: spawning {args.tp} processes")
+        t0 = time.perf_counter()
+        ranks = spawn(_worker, args.tp, name, SIZES[name]["overrides"], args.tp, args.rho, args.complement,
+                      steps, warmup, args.block, select, _T0, timeout=3600.0)
+        _log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+        results.append(summarize(name, ranks, steps, warmup))
+    print_table(results, args)
+    head = next((r for r in results if r["name"] == "debug"), results[0])
+    for key in ("step_ratio", "mask_bits_per_param", "select_over_backward"):
+        if not (math.isfinite(head[key]) and head[key] > 0):
+            raise SystemExit(f"bench_pmp: {key}={head[key]} is not a finite positive number")
+    print(f"step_ratio={head['step_ratio']:.4f} mask_bits_per_param={head['mask_bits_per_param']:.4f} "
+          f"select_over_backward={head['select_over_backward']:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
