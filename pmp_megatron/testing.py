@@ -131,3 +131,21 @@ def attach_random_masks(chunks, cfg, density: float, seed: int = 7) -> None:
         full = torch.rand(info.global_shape, generator=torch.Generator().manual_seed(key)) < density
         local[name] = info.to_local(full, param.shape)
     masks.attach(chunks, cfg.model.vocab_size, local)
+
+
+def tiny_sentencepiece(directory, vocab_size: int = 500) -> str:
+    """Train a small byte-fallback BPE sentencepiece model on generated text; return its path."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    syl = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zen", "qua", "bre", "dor", "fel", "gim", "hup"]
+    words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize()
+                 + rng.choice([".", "!", "?", ", 42."]) for _ in range(600)]
+    prefix = str(Path(directory) / "sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                   minloglevel=2)
+    return prefix + ".model"

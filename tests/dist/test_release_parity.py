@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from pmp_megatron.testing import REPO, spawn
+
+from pmp_megatron.testing import REPO, spawn, tiny_sentencepiece
 
 NUM_MICRO = 2
 MICRO_BATCH = 2
@@ -134,26 +135,12 @@ def _run_and_compare(config_path, overrides, world_size, out_dir, tokenizer_mode
     return diff
 
 
-def _tiny_sentencepiece(directory):
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    syl = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zen", "qua", "bre", "dor", "fel", "gim", "hup"]
-    words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(300)]
-    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize()
-                 + rng.choice([".", "!", "?", ", 42."]) for _ in range(600)]
-    prefix = str(directory / "sp")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix, vocab_size=500,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)
-    return prefix + ".model"
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_release_logits_match_ours(layout, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     overrides, world = LAYOUTS[layout]
-    sp_model = _tiny_sentencepiece(tmp_path) if layout == "tp1" else None
+    sp_model = tiny_sentencepiece(tmp_path) if layout == "tp1" else None
     out = tmp_path / "release"
     diff = _run_and_compare(str(REPO / "configs" / "model" / "debug.yaml"), overrides, world, out, sp_model)
     assert diff <= ATOL, f"{layout}: max |logits diff| {diff:.3g}"

@@ -4,7 +4,6 @@ non-float tensors), sharding, the manifest hashes, and the tokenizer files loadi
 
 import hashlib
 import json
-import random
 import struct
 
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 from pmp_megatron.config import load_config
 from pmp_megatron.release.hf_llama import canonical_shapes, from_hf, hf_config, hf_names, hf_shapes, to_hf
 from pmp_megatron.release.writer import MANIFEST, tensor_sha256, write_release
-from pmp_megatron.testing import REPO, debug_config
+from pmp_megatron.testing import REPO, debug_config, tiny_sentencepiece
 
 TINYLLAMA = REPO / "configs" / "model" / "tinyllama-1.1b.yaml"
 
@@ -37,22 +36,6 @@ def _random_canonical(m, seed=0) -> dict[str, torch.Tensor]:
 
 def _all_to_hf(canonical, m) -> dict[str, torch.Tensor]:
     return {hf: t for name, w in canonical.items() for hf, t in to_hf(name, w, m)}
-
-
-def tiny_sentencepiece(directory, vocab_size=500):
-    """Train a small byte-fallback BPE sentencepiece model on generated text; return its path."""
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    syl = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zen", "qua", "bre", "dor", "fel", "gim", "hup"]
-    words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(300)]
-    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize()
-                 + rng.choice([".", "!", "?", ", 42."]) for _ in range(600)]
-    prefix = str(directory / "sp")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
-                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-                                   minloglevel=2)
-    return prefix + ".model"
 
 
 @pytest.mark.parametrize("which", list(CONFIGS))
