@@ -38,11 +38,6 @@ def attach(chunks, vocab_size: int, masks: dict[str, torch.Tensor]) -> None:
         param.pmp_mask = mask & info.real(param.shape, device=param.device)
 
 
-def local_masks(chunks, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Canonical name -> this rank's mask shard."""
-    return {name: param.pmp_mask for name, (param, _) in shard_infos(chunks, vocab_size).items()}
-
-
 def has_masks(chunks) -> bool:
     return all(hasattr(p, "pmp_mask") for chunk in chunks for p in chunk.parameters())
 

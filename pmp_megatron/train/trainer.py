@@ -7,7 +7,8 @@ megatron-core, resumable after any interruption and at another TP/PP/DP layout.
 2. data: the tokenizer and GPTDataset splits/blends of ``data.data_path``;
 3. resume from the newest valid checkpoint in ``checkpoint.dir``, or start: in PMP mode run Stage I
    (``pmp.discovery``) and rewind to W0; iteration 0 (W0 + masks) is saved in PMP mode and, with
-   ``checkpoint.save_init``, in dense mode;
+   ``checkpoint.save_init``, in dense mode. Stage I reads the first batches of the training stream and
+   Stage II starts that stream again from its beginning: the rewind resets the data as well as W0;
 4. the loop: forward-backward through megatron's schedules, the PMP update rule around the optimizer step,
    LR schedule, periodic eval, logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA;
    ``metrics.jsonl`` and optional tensorboard), checkpoints, and preemption (save, exit 42).
