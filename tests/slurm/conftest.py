@@ -122,12 +122,21 @@ class SlurmCluster:
             info = self.job_info(job_id)
             state = info.get("JobState", "")
             if state.startswith(FINAL_STATES):
-                assert state == expect, f"job {job_id} ended {state}, expected {expect}: {info}"
+                assert state == expect, (f"job {job_id} ended {state}, expected {expect}: {info}\n"
+                                         f"{self.log_tail(job_id)}")
                 return info
             if state == "PENDING" and info.get("Reason") == "BeginTime" and int(info.get("Restarts", 0)):
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: {info}")
+
+    def log_tail(self, job_id: str, chars: int = 3000) -> str:
+        """The daemons' log lines that mention ``job_id`` (for failure messages)."""
+        lines = []
+        for log in sorted((self.root / "log").glob("*.log")):
+            hits = [x for x in log.read_text(errors="replace").splitlines() if job_id in x or "error" in x]
+            lines += [f"{log.name}: {x}" for x in hits[-20:]]
+        return "\n".join(lines)[-chars:]
 
     def describe(self) -> str:
         topo = (f"{len(self.nodes)} nodes in network namespaces" if self.netns
