@@ -253,15 +253,16 @@ def run_cells_slurm(cells: list[Cell], ctx: AttackContext, results_path: str | P
                 len(todo), per_task, params["slurm_array_parallelism"], jobs[0].job_id.split("_")[0])
     if not wait:
         return jobs
-    failed = []
-    for i, job in enumerate(jobs, start=1):
-        try:
-            job.result()
-        except Exception as err:  # noqa: BLE001 - gather what finished, then report
-            failed.append(f"{job.job_id}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-        logger.info("array task %d/%d finished (%s)", i, len(jobs), job.job_id)
-    added = gather_shards(results_path)
-    logger.info("gathered %d new records into %s", added, results_path)
-    if failed:
-        raise RuntimeError(f"{len(failed)} array task(s) failed (rerun to retry their cells): {failed[:10]}")
+    from pmp_megatron.launch import gather
+
+    try:  # on Slurm, wait via scontrol: a task that dies without a result cannot hang it without sacct
+        if executor.cluster == "slurm":
+            gather(jobs)
+        else:  # submitit's in-process debug/local executors
+            for job in jobs:
+                job.result()
+    finally:
+        added = gather_shards(results_path)
+        logger.info("gathered %d new records into %s (rerun to retry cells of failed tasks)", added,
+                    results_path)
     return jobs

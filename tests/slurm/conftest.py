@@ -118,6 +118,7 @@ class SlurmCluster:
         """Poll until the job is in a final state; release a requeued job from Slurm's ~120 s hold."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
+        held_since = None
         while time.monotonic() < deadline:
             info = self.job_info(job_id)
             state = info.get("JobState", "")
@@ -126,7 +127,11 @@ class SlurmCluster:
                                          f"{self.log_tail(job_id)}")
                 return info
             if state == "PENDING" and info.get("Reason") == "BeginTime" and int(info.get("Restarts", 0)):
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                # Release it early, but not at once: slurmd refuses to relaunch a job id it killed a
+                # moment ago ("Job N already killed, do not launch batch job") and the job then fails.
+                held_since = held_since or time.monotonic()
+                if time.monotonic() - held_since > 10:
+                    self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: {info}")
 
