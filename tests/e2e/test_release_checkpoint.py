@@ -22,6 +22,10 @@ LAYOUTS = {
                 "pmp.discovery.lr=1e-3"],
     "pp2_vpp2_dense": ["parallel.pipeline_model_parallel_size=2",
                        "parallel.virtual_pipeline_model_parallel_size=2", "pmp.mode=dense"],
+    "tp1_dp2_frozen": ["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen", "pmp.discovery.max_steps=2"],
+    "pp2_dense": ["parallel.pipeline_model_parallel_size=2", "pmp.mode=dense"],
+    "tp2_pp2_dense": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                      "pmp.mode=dense"],
 }
 
 
@@ -42,7 +46,9 @@ def _pretrain(data, run_dir, extra):
             "train.train_steps=2", "train.micro_batch_size=2", "train.global_batch_size=4",
             "train.eval_interval=0", "optim.lr=2e-3", "optim.lr_warmup_steps=1",
             f"checkpoint.dir={run_dir}", "checkpoint.save_interval=2", "logging.log_interval=1", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    nproc = 4 if "parallel.pipeline_model_parallel_size=2" in extra and \
+        "parallel.tensor_model_parallel_size=2" in extra else 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", "-m", "pmp_megatron.cli", "pretrain", "--config",
            str(DEBUG_MODEL), *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
