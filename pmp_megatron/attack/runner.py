@@ -120,15 +120,9 @@ def load_true_mask(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def check_mask(masks: dict[str, torch.Tensor], model: torch.nn.Module, what: str = "mask") -> None:
     """ValueError unless ``masks`` covers exactly the model's parameters with matching shapes."""
-    params = dict(model.named_parameters())
-    missing, extra = sorted(set(params) - set(masks)), sorted(set(masks) - set(params))
-    if missing or extra:
-        raise ValueError(f"{what} names do not match the model's parameters: missing {missing[:5]}, "
-                         f"not in the model {extra[:5]}")
-    for n, p in params.items():
-        if tuple(masks[n].shape) != tuple(p.shape):
-            raise ValueError(f"{what} tensor {n!r} has shape {tuple(masks[n].shape)}, the model's parameter "
-                             f"{tuple(p.shape)}")
+    from pmp_megatron.release.audit import check_mask_names
+
+    check_mask_names(masks, dict(model.named_parameters()), what)
 
 
 @functools.lru_cache(maxsize=4)
