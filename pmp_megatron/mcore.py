@@ -83,7 +83,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
@@ -92,7 +92,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for a rendezvous; torchrun's --master_port=0 hangs)."""
     import socket
 
     with socket.socket() as s:

@@ -70,12 +70,12 @@ def main(argv=None) -> None:
     logger.info("[1/6] offline corpora + tokenizer -> %s", out / "data")
     prepare_builtin(out / "data", VOCAB, max_docs=200, max_chars=6000)
 
-    from pmp_megatron.mcore import _free_port
+    from pmp_megatron.mcore import free_port
 
     for mode in ("dense", "pmp"):
         logger.info("[2/6] pretraining the %s model (torchrun, 2 processes, TP=2)", mode)
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-              f"--master_port={_free_port()}", "-m", "pmp_megatron.cli", "pretrain",
+              f"--master_port={free_port()}", "-m", "pmp_megatron.cli", "pretrain",
               "--config", str(REPO_CONFIGS / "model" / "debug.yaml"), *_pretrain_args(out, mode)],
              f"pretrain {mode}")
 

@@ -29,14 +29,6 @@ def _context():
     return _CTX
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(fn, rank, world_size, port, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,9 +51,11 @@ def spawn(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """Run ``fn(*args)`` on ``world_size`` processes with RANK/WORLD_SIZE/MASTER_* set; return the
     per-rank results (rank order). ``fn`` must be importable (module level). Raises with the first
     failing rank's traceback."""
+    from pmp_megatron.mcore import free_port
+
     ctx = _context()
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue))
              for r in range(world_size)]
     for p in procs:

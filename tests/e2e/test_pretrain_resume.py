@@ -40,10 +40,10 @@ def _args(data, run_dir, extra=()):
 
 
 def _launch(nproc, args):
-    from pmp_megatron.mcore import _free_port
+    from pmp_megatron.mcore import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}",
+           f"--master_port={free_port()}",
            "-m", "pmp_megatron.cli", "pretrain", "--config", str(DEBUG_MODEL), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -39,7 +39,7 @@ def data(tmp_path_factory):
 
 
 def _pretrain(data, run_dir, extra):
-    from pmp_megatron.mcore import _free_port
+    from pmp_megatron.mcore import free_port
 
     model, prefix = data
     args = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}", "data.split=90,10,0",
@@ -49,7 +49,7 @@ def _pretrain(data, run_dir, extra):
     nproc = 4 if "parallel.pipeline_model_parallel_size=2" in extra and \
         "parallel.tensor_model_parallel_size=2" in extra else 2
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "-m", "pmp_megatron.cli", "pretrain", "--config",
+           f"--master_port={free_port()}", "-m", "pmp_megatron.cli", "pretrain", "--config",
            str(DEBUG_MODEL), *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=900)
