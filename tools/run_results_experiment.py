@@ -157,27 +157,41 @@ def release_all(work: Path) -> dict[str, dict]:
             release(work / "runs" / name, rel, overwrite=True, mask=None if mask is None else str(mask))
         if mask is not None:
             audits[name] = json.loads((rel / AUDIT_FILE).read_text())
+            audits[name]["embedding_rows_trainable"] = _embedding_rows_trainable(mask)
     return audits
 
 
-def attack_all(work: Path, scale: Scale) -> dict[str, str]:
-    """Run the suite on every PMP release (paired with the dense one); return run name -> model id."""
-    from pmp_megatron.attack.cli import run_suite
+def _embedding_rows_trainable(mask_path: Path) -> float:
+    """Fraction of the input embedding's rows (tokens) with at least one masked-in entry: Stage I ranks one
+    step's gradient, and a token absent from that step's batch has an all-zero embedding gradient row."""
+    from pmp_megatron.pmp import maskfile
+
+    masks, _ = maskfile.load(mask_path)
+    return float(masks["model.embed_tokens.weight"].any(dim=1).float().mean())
+
+
+def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
+    """Run the suite on every PMP release (paired with the dense one); return (run name -> model id, the
+    ids of this suite's cells: the results file may hold cells of an earlier grid, left out of the report)."""
+    from pmp_megatron.attack.cli import prepare, run_suite
     from pmp_megatron.attack.runner import model_identity
     from pmp_megatron.config import load_config
 
     ids = {name: model_identity(work / "release" / name) for name in RUNS}
+    cell_ids: set[str] = set()
     for name, (pmp, attackers) in RUNS.items():
         if pmp is None:
             continue
         logger.info("attack suite on %s (%s)", name, ", ".join(attackers))
         seed = load_config(work / "runs" / name / "config.yaml").model.seed if "recovery_init" in attackers \
             else None
+        inputs = dict(dense_model=str(work / "release" / "dense"), seed_for_regeneration=seed,
+                      mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers)
         run_suite(str(CONFIGS / scale.suite), str(work / "release" / name), str(work / "results.jsonl"),
-                  workers=scale.attack_workers, dense_model=str(work / "release" / "dense"),
-                  mask=str(work / "private" / f"{name}.safetensors"), seed_for_regeneration=seed,
-                  attackers=attackers)
-    return ids
+                  workers=scale.attack_workers, **inputs)
+        cell_ids |= {c.id for c in prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
+                                           **inputs)[0]}
+    return ids, cell_ids
 
 
 def main(argv=None) -> int:
@@ -205,16 +219,18 @@ def main(argv=None) -> int:
     audits = release_all(work)
     logger.info("[4/5] attack suite %s", scale.suite)
     t = time.time()
-    ids = attack_all(work, scale)
+    ids, cell_ids = attack_all(work, scale)
     timings["attacks_s"] = round(time.time() - t)
     logger.info("[5/5] report -> %s", out)
     from results_report import write_experiment_report  # tools/ is sys.path[0] when run as a script
 
     meta = {"command": f"python tools/run_results_experiment.py --scale {args.scale}",
-            "scale": args.scale, "scale_settings": scale.__dict__, "timings": timings,
-            "total_s": round(time.time() - t0), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch": __import__("torch").__version__}
-    summary = write_experiment_report(work, out, RUNS, REFERENCE_RUN, ids, audits, meta)
+            "scale": args.scale, "scale_settings": scale.__dict__,
+            # this invocation only: a rerun skips finished work (run times in the report: from the logs)
+            "this_invocation_s": {**timings, "total_s": round(time.time() - t0)},
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": __import__("torch").__version__}
+    summary = write_experiment_report(work, out, RUNS, REFERENCE_RUN, ids, cell_ids, audits, meta)
     logger.info("done in %.0f s: %s", time.time() - t0, out / "report.md")
     print(json.dumps(summary["headline"], indent=2))  # noqa: T201
     return 0

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from pmp_megatron.pmp import maskfile
 from pmp_megatron.testing import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -66,6 +67,7 @@ def test_headline_matches_raw_outputs(experiment):
     dense = [r for r in records if r["role"] == "dense" and r["status"] == "ok"]
     dense_best = max(r["gain"] for r in dense)
     assert summary["dense"]["best_gain"]["prose_heldout"] == pytest.approx(dense_best)
+    report = (out / "report.md").read_text()
     model_ids = {r["model_id"] for r in records if r["role"] == "pmp"}
     assert len(model_ids) == 4
     for run in PMP_RUNS:
@@ -78,9 +80,11 @@ def test_headline_matches_raw_outputs(experiment):
         assert h["gain_ratio"]["prose_heldout"] == pytest.approx(max(keyless) / dense_best)
         audit = json.loads((work / "release" / run / "release_audit.json").read_text())
         assert h["recovery_iou"]["recovery_global"] == audit["attackers"]["recovery_global"]["iou"]["overall"]
+        embed = maskfile.load(work / "private" / f"{run}.safetensors")[0]["model.embed_tokens.weight"]
+        live = float(embed.any(dim=1).float().mean())
+        assert f"| {run} |" in report and f"{live:.4g} |" in report.split("## Where the mask is")[1]
     attackers = {r["attacker"] for r in records if r["rho"] == 0.1}
     assert attackers == {"unauthorized", "authorized"}
-    report = (out / "report.md").read_text()
     for run in ("dense", *PMP_RUNS):
         assert f"| {run} |" in report
 
