@@ -13,10 +13,12 @@ loss at the end of pretraining (the pretraining blend, held-out split).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from pmp_megatron.attack import report as attack_report
 from pmp_megatron.attack.execute import read_results
+from pmp_megatron.attack.report import best_record, markdown_table
 
 RECOVERY = ("recovery_global", "recovery_per_tensor", "recovery_init")
 
@@ -42,32 +44,11 @@ def read_metrics(run_dir: Path) -> dict:
 def run_seconds(log: Path) -> float | None:
     """Wall time of one pretraining run from its log's first and last trainer timestamps (resumes and
     reruns included, since the log is appended to)."""
-    import re
-
     stamps = [int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
               for m in re.finditer(r"^(\d\d):(\d\d):(\d\d) \[rank", log.read_text(errors="replace"), re.M)]
     if len(stamps) < 2:
         return None
     return (stamps[-1] - stamps[0]) % 86400
-
-
-def _fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
-
-
-def _best_gain(records: list[dict], task: str, attackers) -> dict | None:
-    ok = [r for r in records if r["task"] == task and r["attacker"] in attackers and r.get("status") == "ok"
-          and r.get("gain") is not None]
-    return max(ok, key=lambda r: r["gain"]) if ok else None
 
 
 def _smooth(points: list[tuple[int, float]], window: int = 10) -> tuple[list[int], list[float]]:
@@ -166,8 +147,10 @@ def write_experiment_report(work: Path, out: Path, runs: dict, reference: str, i
             continue
         mine = [r for r in records if r["role"] == "pmp" and r["model_id"] == ids[name]]
         summ = attack_report.summarize_model(records, ids[name])
-        best = {t: _best_gain(mine, t, attack_report.KEYLESS) for t in tasks}
-        auth = {t: _best_gain(mine, t, ("authorized",)) for t in tasks}
+        best = {t: best_record([r for r in mine if r["task"] == t and r["attacker"] in attack_report.KEYLESS])
+                for t in tasks}
+        auth = {t: best_record([r for r in mine if r["task"] == t and r["attacker"] == "authorized"])
+                for t in tasks}
         headline[name] = {
             "model_id": ids[name], "rho": pmp["rho"], "complement": pmp["complement"],
             "projection": pmp["projection"],
@@ -188,7 +171,7 @@ def write_experiment_report(work: Path, out: Path, runs: dict, reference: str, i
         sub = out / "attacks" / name
         attack_report.write_report(mine + dense, sub)
         per_run_dirs[name] = sub.relative_to(out)
-    dense_best = {t: _best_gain(dense, t, ("unauthorized",)) for t in tasks}
+    dense_best = {t: best_record([r for r in dense if r["task"] == t]) for t in tasks}
     plots = _plots(out, metrics, headline, runs, audits)
 
     summary = {"headline": {"reference_run": reference, **headline[reference]}, "runs": headline,
@@ -246,7 +229,7 @@ def _markdown(summary, metrics, runs, tasks, per_run_dirs, plots, audits) -> str
             rows.append([name, task, h["base_loss_ratio"], h["best_keyless_gain"].get(task),
                          summary["dense"]["best_gain"].get(task), h["gain_ratio"].get(task),
                          h["authorized_gain_ratio"].get(task), h["best_keyless_attack"].get(task)])
-    lines += _table(["run", "task", "base loss PMP/dense", "best keyless gain", "dense best gain",
+    lines += markdown_table(["run", "task", "base loss PMP/dense", "best keyless gain", "dense best gain",
                      "gain ratio PMP/dense", "authorized gain / dense gain", "best keyless attack"], rows)
     rows = []
     d = summary["dense"]
@@ -255,7 +238,7 @@ def _markdown(summary, metrics, runs, tasks, per_run_dirs, plots, audits) -> str
         for name, h in summary["runs"].items():
             rows.append([name, task, h["task_loss_before"].get(task), h["best_keyless_loss_after"].get(task),
                          h["best_authorized_loss_after"].get(task)])
-    lines += _table(["release", "task", "task loss before", "after best keyless attack",
+    lines += markdown_table(["release", "task", "task loss before", "after best keyless attack",
                      "after best authorized attack"], rows)
     lines += ["## Pretraining", ""]
     rows = []
@@ -263,20 +246,21 @@ def _markdown(summary, metrics, runs, tasks, per_run_dirs, plots, audits) -> str
         disc = m["discovery"]
         rows.append([name, m["valid"][-1][1], m["valid"][-1][1] / summary["valid_loss"]["dense"],
                      len(disc) or "-", disc[-1].get("iou") if disc else "-"])
-    lines += _table(["run", "final valid loss", "/ dense", "Stage I steps", "last Stage I mask IoU"], rows)
+    lines += markdown_table(["run", "final valid loss", "/ dense", "Stage I steps", "last Stage I mask IoU"],
+                            rows)
     lines += ["## Mask recovery from the release alone", "",
               "IoU of the recovered mask with the private one (the release audit; `recovery_init` "
               "regenerates W0 from the seed and marks the entries that moved).", ""]
     rows = [[name, a["chance_iou"], *(a["attackers"].get(k, {}).get("iou", {}).get("overall")
                                       for k in RECOVERY)] for name, a in audits.items()]
-    lines += _table(["run", "chance", *RECOVERY], rows)
+    lines += markdown_table(["run", "chance", *RECOVERY], rows)
     kinds = list(next(iter(audits.values()))["mask_density_by_type"])
     lines += ["## Where the mask is", "",
               "Fraction of each tensor type's entries that are masked in (trainable in Stage II), and the "
               "fraction of vocabulary rows of the input embedding with at least one masked-in entry.", ""]
     rows = [[name, *(a["mask_density_by_type"].get(k) for k in kinds), a.get("embedding_rows_trainable")]
             for name, a in audits.items()]
-    lines += _table(["run", *kinds, "embedding rows with a trainable entry"], rows)
+    lines += markdown_table(["run", *kinds, "embedding rows with a trainable entry"], rows)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Per-run attack reports", ""]
     lines += [f"- [{name}]({d}/report.md)" for name, d in per_run_dirs.items()] + [""]

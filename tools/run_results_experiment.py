@@ -173,11 +173,11 @@ def _embedding_rows_trainable(mask_path: Path) -> float:
 def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
     """Run the suite on every PMP release (paired with the dense one); return (run name -> model id, the
     ids of this suite's cells: the results file may hold cells of an earlier grid, left out of the report)."""
-    from pmp_megatron.attack.cli import prepare, run_suite
-    from pmp_megatron.attack.runner import model_identity
+    from pmp_megatron.attack.cli import prepare
+    from pmp_megatron.attack.execute import run_cells
     from pmp_megatron.config import load_config
 
-    ids = {name: model_identity(work / "release" / name) for name in RUNS}
+    ids: dict[str, str] = {}
     cell_ids: set[str] = set()
     for name, (pmp, attackers) in RUNS.items():
         if pmp is None:
@@ -185,12 +185,12 @@ def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
         logger.info("attack suite on %s (%s)", name, ", ".join(attackers))
         seed = load_config(work / "runs" / name / "config.yaml").model.seed if "recovery_init" in attackers \
             else None
-        inputs = dict(dense_model=str(work / "release" / "dense"), seed_for_regeneration=seed,
-                      mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers)
-        run_suite(str(CONFIGS / scale.suite), str(work / "release" / name), str(work / "results.jsonl"),
-                  workers=scale.attack_workers, **inputs)
-        cell_ids |= {c.id for c in prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
-                                           **inputs)[0]}
+        cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
+                             dense_model=str(work / "release" / "dense"), seed_for_regeneration=seed,
+                             mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers)
+        run_cells(cells, ctx, work / "results.jsonl", workers=scale.attack_workers)
+        ids[name], ids["dense"] = ctx.model_ids["pmp"], ctx.model_ids["dense"]
+        cell_ids |= {c.id for c in cells}
     return ids, cell_ids
 
 

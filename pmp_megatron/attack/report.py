@@ -34,7 +34,8 @@ def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status") == "ok" and r.get("gain") is not None]
 
 
-def _best(records: list[dict]) -> dict | None:
+def best_record(records: list[dict]) -> dict | None:
+    """The finished record with the largest gain (None if there is none)."""
     records = _ok(records)
     return max(records, key=lambda r: r["gain"]) if records else None
 
@@ -61,13 +62,13 @@ def summarize_model(records: list[dict], model_id: str) -> dict:
     tasks = list(dict.fromkeys(r["task"] for r in pmp))
     gain_ratio, auth_ratio = {}, {}
     for task in tasks:
-        dense_best = _best([r for r in dense if r["task"] == task])
+        dense_best = best_record([r for r in dense if r["task"] == task])
         dense_gain = dense_best["gain"] if dense_best else None
-        keyless = _best([r for r in pmp if r["task"] == task and r["attacker"] in KEYLESS])
+        keyless = best_record([r for r in pmp if r["task"] == task and r["attacker"] in KEYLESS])
         gain_ratio[task] = _ratio(keyless["gain"] if keyless else None, dense_gain)
         auth = [r for r in pmp if r["task"] == task and r["attacker"] == "authorized"]
         if auth:
-            best = _best(auth)
+            best = best_record(auth)
             auth_ratio[task] = _ratio(best["gain"] if best else None, dense_gain)
     iou = {}
     for attacker in RECOVERY_ATTACKERS:
@@ -113,7 +114,8 @@ def matched_ratios(records: list[dict], model_id: str, task: str, attacker: str)
     return out
 
 
-def _fmt(x, digits: int = 4) -> str:
+def format_value(x, digits: int = 4) -> str:
+    """A table cell: n/a for None, 4 significant digits for floats."""
     if x is None:
         return "n/a"
     if isinstance(x, float):
@@ -121,9 +123,10 @@ def _fmt(x, digits: int = 4) -> str:
     return str(x)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table (lines, ending with a blank one)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_value(c) for c in row) + " |" for row in rows]
     return lines + [""]
 
 
@@ -139,21 +142,21 @@ def markdown(records: list[dict], summary: dict) -> str:
     for entry in summary["by_model"]:
         mid = entry["model_id"]
         pmp = [r for r in records if r["role"] == "pmp" and r["model_id"] == mid]
-        lines += [f"## PMP model {mid} (rho = {_fmt(entry['rho'])})", ""]
+        lines += [f"## PMP model {mid} (rho = {format_value(entry['rho'])})", ""]
         pre_p = _mean(r.get("pretrain_loss_before") for r in pmp)
         pre_d = _mean(r.get("pretrain_loss_before") for r in dense)
         lines += ["### Base quality (pretraining-domain eval loss before any attack)", ""]
-        lines += _table(["PMP", "dense", "PMP / dense"], [[pre_p, pre_d, entry["base_loss_ratio"]]])
+        lines += markdown_table(["PMP", "dense", "PMP / dense"], [[pre_p, pre_d, entry["base_loss_ratio"]]])
         lines += ["### Best attack per task", ""]
         rows = []
         for task in dict.fromkeys(r["task"] for r in pmp):
-            kb = _best([r for r in pmp if r["task"] == task and r["attacker"] in KEYLESS])
-            db = _best([r for r in dense if r["task"] == task])
-            ab = _best([r for r in pmp if r["task"] == task and r["attacker"] == "authorized"])
+            kb = best_record([r for r in pmp if r["task"] == task and r["attacker"] in KEYLESS])
+            db = best_record([r for r in dense if r["task"] == task])
+            ab = best_record([r for r in pmp if r["task"] == task and r["attacker"] == "authorized"])
             rows.append([task, kb and kb["gain"], kb and f"{kb['attacker']} {kb['adversary']}",
                          db and db["gain"], db and db["adversary"], entry["gain_ratio"].get(task),
                          ab and ab["gain"], entry["authorized_gain_ratio"].get(task)])
-        lines += _table(["task", "PMP best keyless gain", "PMP best attack", "dense best gain",
+        lines += markdown_table(["task", "PMP best keyless gain", "PMP best attack", "dense best gain",
                          "dense best attack", "gain ratio PMP/dense", "authorized best gain",
                          "authorized / dense"], rows)
         lines += ["### Per attacker", "", "Matched ratio: per (adversary, seed) PMP gain / dense gain.", ""]
@@ -163,13 +166,13 @@ def markdown(records: list[dict], summary: dict) -> str:
                 cells = [r for r in pmp if r["task"] == task and r["attacker"] == attacker]
                 if not cells:
                     continue
-                best = _best(cells)
+                best = best_record(cells)
                 ratios = matched_ratios(records, mid, task, attacker)
                 rows.append([task, attacker, len(cells), best and best["gain"], best and best["adversary"],
                              _mean(r["gain"] for r in _ok(cells)),
                              statistics.median(ratios) if ratios else None, max(ratios) if ratios else None,
                              _mean(r.get("forgetting") for r in _ok(cells))])
-        lines += _table(["task", "attacker", "cells", "best gain", "best adversary", "mean gain",
+        lines += markdown_table(["task", "attacker", "cells", "best gain", "best adversary", "mean gain",
                          "median matched ratio", "max matched ratio", "mean forgetting"], rows)
         rec_rows = []
         for attacker in RECOVERY_ATTACKERS:
@@ -181,7 +184,7 @@ def markdown(records: list[dict], summary: dict) -> str:
                                  _mean(r.get("density_estimate") for r in cells)])
         if rec_rows:
             lines += ["### Mask recovery", ""]
-            lines += _table(["attacker", "IoU with true mask", "recovered density", "true density",
+            lines += markdown_table(["attacker", "IoU with true mask", "recovered density", "true density",
                              "density estimate"], rec_rows)
     diverged = defaultdict(int)
     for r in records:
@@ -190,7 +193,7 @@ def markdown(records: list[dict], summary: dict) -> str:
     if diverged:
         lines += ["### Diverged cells", ""]
         rows = [[role, opt, n] for (role, opt), n in sorted(diverged.items(), key=str)]
-        lines += _table(["role", "optimizer", "cells"], rows)
+        lines += markdown_table(["role", "optimizer", "cells"], rows)
     return "\n".join(lines) + "\n"
 
 
