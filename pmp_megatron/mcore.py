@@ -92,6 +92,14 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     )
 
 
+def setup_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, rng_seed: int = 0) -> None:
+    """The one distributed-init sequence: torch.distributed from the environment, then megatron's
+    TP/PP/DP groups with its RNG tracker seeded by ``rng_seed`` (not the W0 seed: W0 has its own generators,
+    see ``model.init``)."""
+    init_distributed()
+    init_model_parallel(tp, pp, vpp, rng_seed)
+
+
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 now (for a rendezvous; torchrun's --master_port=0 hangs)."""
     import socket
@@ -163,3 +171,46 @@ def is_pipeline_first_stage(vp_stage: int | None = None) -> bool:
 
 def is_pipeline_last_stage(vp_stage: int | None = None) -> bool:
     return parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+
+def unwrap(chunk):
+    """The bare megatron module of a model chunk, DDP-wrapped or not."""
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+# ---------------------------------------------------------------- collectives (the device contract)
+# NCCL groups reject host tensors and gloo groups reject CUDA tensors. Every collective of the package goes
+# through these helpers, which move the tensor to the device the group's backend works on and return the
+# result on the caller's device; a test fails on any torch.distributed collective called elsewhere.
+
+
+def group_device(group=None) -> torch.device:
+    """The device a collective on ``group`` must use: the local GPU for NCCL, else the CPU."""
+    backend = dist.get_backend(group)
+    return device() if backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place on ``group``; return it (on its own device)."""
+    dev = group_device(group)
+    if tensor.device == dev:
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+    moved = tensor.to(dev)
+    dist.all_reduce(moved, op=op, group=group)
+    tensor.copy_(moved)
+    return tensor
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` of ``group``, in group-rank order (pickled; host side for any backend)."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group=None) -> None:
+    if group_device(group).type == "cuda":
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
