@@ -2,8 +2,9 @@
 mask) recovers nearly the dense gain?
 
 ``suite`` (YAML grid -> cells), ``tasks`` (task data), ``optimizers`` (AdamW, SGD, Adafactor, Lion),
-``recovery`` (mask-recovery attackers), ``runner`` (one cell), ``execute`` (sequential / process pool /
-Slurm array, resumable JSONL), ``report`` (tables, plots, summary) and ``cli`` (``pmp-attack``).
+``runner`` (one cell), ``execute`` (sequential / process pool / Slurm array, resumable JSONL), ``report``
+(tables, plots, summary) and ``cli`` (``pmp-attack``). The mask-recovery attackers are
+``release.recovery``: the release audit runs them first.
 """
 
 from pmp_megatron.attack.suite import Cell, Suite, expand_cells, load_suite

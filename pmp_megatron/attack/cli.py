@@ -103,8 +103,8 @@ def _check_mask_file(mask_path: str, model_dir: Path) -> float:
 
 
 def _regen_config(seed: int | None, model_config: str | None, model_dir: Path):
-    from pmp_megatron.attack.recovery import model_config_from_hf
     from pmp_megatron.config import config_from_dict, load_yaml
+    from pmp_megatron.release.recovery import model_config_from_hf
 
     if seed is None:
         if model_config:

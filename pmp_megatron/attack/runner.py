@@ -7,7 +7,7 @@ Attackers:
   before clipping (like Stage II), AND copies the complement's original values back after every
   optimizer step, so it stays bit-exact under decoupled weight decay (AdamW, Lion), Adafactor and SGD
   momentum alike. Tensors without any masked-in entry are frozen outright.
-- ``recovery_*``: like ``authorized`` with the mask recovered from the release (``recovery.py``).
+- ``recovery_*``: like ``authorized`` with the mask recovered from the release (``release.recovery``).
 
 LoRA with a mask (authorized / recovery) masks the MERGED delta: each adapted linear computes
 ``base(x) + dropout(x) @ (M * (B A) * scale)^T``, so the effective weight ``W + M * dB A`` changes only
@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pmp_megatron.attack import recovery, tasks
+from pmp_megatron.attack import tasks
 from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
 from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec
 from pmp_megatron.config import ModelConfig
+from pmp_megatron.release import recovery
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Leakage audit of a release: how much of the private mask can an attacker recover from the weights alone?
 
-The owner runs the mask-recovery attackers of ``attack.recovery`` on the released tensors and scores each
+The owner runs the mask-recovery attackers of ``release.recovery`` on the released tensors and scores each
 recovered mask against the true one (the private mask file) by intersection over union, per tensor type
 (embed, q, k, v, o, gate, up, down, norms, lm_head) and over the whole model:
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pmp_megatron.attack import recovery
 from pmp_megatron.config import ModelConfig
+from pmp_megatron.release import recovery
 
 logger = logging.getLogger(__name__)
 

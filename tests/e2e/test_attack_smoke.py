@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from pmp_megatron.attack import cli, runner
-from pmp_megatron.attack.recovery import iter_w0
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.data.corpora import iter_documents
 from pmp_megatron.data.tokenizer import train_tokenizer
 from pmp_megatron.pmp import maskfile
+from pmp_megatron.release.recovery import iter_w0
 from pmp_megatron.release.writer import write_release
 from pmp_megatron.testing import REPO
 

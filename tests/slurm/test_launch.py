@@ -254,10 +254,10 @@ def test_attack_grid_as_job_array(slurm, tmp_path):
     import torch
 
     from pmp_megatron.attack import cli as attack_cli
-    from pmp_megatron.attack.recovery import iter_w0
     from pmp_megatron.config import ModelConfig
     from pmp_megatron.data.corpora import iter_documents
     from pmp_megatron.data.tokenizer import train_tokenizer
+    from pmp_megatron.release.recovery import iter_w0
     from pmp_megatron.release.writer import write_release
 
     tok = tmp_path / "tok.model"

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from pmp_megatron.attack import execute, recovery, report
+from pmp_megatron.attack import execute, report
 from pmp_megatron.attack.optimizers import Lion, build_optimizer
 from pmp_megatron.attack.runner import AttackContext, MaskGuard
 from pmp_megatron.attack.suite import expand_cells, load_suite, log_spaced, suite_from_dict
 from pmp_megatron.config import ModelConfig
+from pmp_megatron.release import recovery
 from pmp_megatron.testing import REPO
 
 ATTACKS = REPO / "configs" / "attacks"

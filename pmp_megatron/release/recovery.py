@@ -9,7 +9,7 @@ attackers exploit this:
   top-k, like the owner's Stage-I ranking) at density ``rho``. Works when the projection shrank the
   complement (~100x at 1.1B scale with R = 2).
 - ``recovery_per_tensor``: the same top-k of ``|w|`` inside every tensor separately.
-- ``recovery_init``: regenerate ``W0`` from the seed (``model.init.w0_tensor``, mapped to HF names with
+- ``recovery_init``: regenerate ``W0`` from the seed (``model.w0.w0_tensor``, mapped to HF names with
   ``release.hf_llama.to_hf``); per tensor fit ``c`` as the MODE of ``w / w0`` (the complement ratios all
   equal ``c`` up to rounding, trained entries spread out; a median would fail once rho > 0.5); the
   recovered mask is where ``|w - c w0| > tol |c w0|`` (``init_rule: threshold``; ``tol`` defaults to
@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from pmp_megatron.config import ModelConfig
+from pmp_megatron.model.w0 import w0_tensor
 from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def model_config_from_hf(hf_cfg: Mapping, seed: int) -> ModelConfig:
 
 def iter_w0(model_cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, W0) of every release tensor, regenerated from ``model_cfg.seed`` one at a time."""
-    from pmp_megatron.model.init import w0_tensor  # imports megatron-core (seconds): only when needed
-
     for name, shape in canonical_shapes(model_cfg).items():
         yield from to_hf(name, w0_tensor(name, shape, model_cfg.seed, model_cfg.init_method_std), model_cfg)
 
