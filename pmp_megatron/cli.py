@@ -60,7 +60,7 @@ def export_mask(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing mask file")
     args = parser.parse_args(argv)
     _logging()
-    from pmp_megatron.pmp.export import export_mask as run
+    from pmp_megatron.release.key_export import export_mask as run
 
     digest = run(args.checkpoint, args.out, iteration=args.iteration, force=args.force)
     print(f"wrote {args.out} (sha256 {digest[:16]}...)")

@@ -80,8 +80,8 @@ def main(argv=None) -> None:
              f"pretrain {mode}")
 
     logger.info("[3/6] releases and the private mask")
-    from pmp_megatron.pmp.export import export_mask
     from pmp_megatron.release.from_checkpoint import release
+    from pmp_megatron.release.key_export import export_mask
 
     mask = out / "private" / "mask.safetensors"
     export_mask(out / "runs" / "pmp", mask, force=True)

@@ -144,8 +144,8 @@ def pretrain_all(work: Path, scale: Scale) -> None:
 
 def release_all(work: Path) -> dict[str, dict]:
     """Release every run, export the PMP masks (mode 0600, under WORK/private) and audit the releases."""
-    from pmp_megatron.pmp.export import export_mask
     from pmp_megatron.release.from_checkpoint import AUDIT_FILE, release
+    from pmp_megatron.release.key_export import export_mask
 
     audits = {}
     for name, (pmp, _) in RUNS.items():

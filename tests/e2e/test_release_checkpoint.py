@@ -86,7 +86,7 @@ def _our_logits(root, tokens, iteration=None):
     """Our engine on the checkpoint: loaded at TP=1/PP=1 in one process, GPTModel forward, no labels."""
     from pmp_megatron import mcore
     from pmp_megatron.model.gpt import build_model
-    from pmp_megatron.pmp.export import single_process_config
+    from pmp_megatron.release.key_export import single_process_config
     from pmp_megatron.train import checkpoint
 
     mcore.init_distributed()
