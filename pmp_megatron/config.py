@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from pmp_megatron.atomic import write_text_atomic
+
 __all__ = [
     "ModelConfig", "ParallelConfig", "DiscoveryConfig", "PMPConfig", "DataConfig", "OptimConfig",
     "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "load_yaml",
+    "parse_split",
 ]
 
 
@@ -97,12 +101,11 @@ class PMPConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str | list[str] = "builtin:prose"  # builtin corpus name or list of text file paths
-    tokenizer_model: str | None = None  # tokenizer path/name (None: builtin byte-level tokenizer)
-    data_path: list[str | float] | None = None  # megatron prefixes, or weight/prefix pairs
-    split: str = "98,1,1"  # train/valid/test split weights
-    num_workers: int = 2  # dataloader workers
-    cache_dir: str | None = None  # where tokenised/indexed data is cached
+    tokenizer_model: str | None = None  # sentencepiece .model the data was tokenized with (required to train)
+    data_path: list[str | float] | None = None  # megatron prefixes or weight/prefix pairs (required to train)
+    split: str = "98,1,1"  # train,valid,test shares of each prefix's documents ("98,2,0"; valid > 0 to eval)
+    num_workers: int = 2  # DataLoader worker processes per rank (0: load batches in the training process)
+    cache_dir: str | None = None  # where megatron's sample/shuffle index files go (None: beside the data)
 
 
 @dataclass
@@ -124,8 +127,8 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per micro-batch per DP rank
     global_batch_size: int = 32  # sequences per optimizer step across all DP ranks
     train_steps: int = 20000  # optimizer steps
-    eval_interval: int = 1000  # steps between evaluations
-    eval_steps: int = 10  # batches per evaluation
+    eval_interval: int = 1000  # steps between evaluations (0: no evaluation)
+    eval_steps: int = 10  # global batches per evaluation
     seed: int = 42  # seed for data order and dropout
 
 
@@ -133,9 +136,8 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str | None = None  # checkpoint directory (None: no checkpointing)
     save_interval: int = 1000  # steps between saves
-    keep_last: int = 2  # number of recent checkpoints kept
+    keep_last: int = 2  # number of recent checkpoints kept (0: keep all)
     save_init: bool = False  # also save the step-0 (initial) weights
-    async_save: bool = False  # write checkpoints asynchronously
 
 
 @dataclass
@@ -150,7 +152,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # model/data parallel layout
     pmp: PMPConfig = field(default_factory=PMPConfig)  # private-mask pre-training
-    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
+    data: DataConfig = field(default_factory=DataConfig)  # indexed datasets and tokenizer
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # batch sizes and step counts
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving
@@ -224,7 +226,61 @@ class Config:
         _check(0.0 < iou <= 1.0, f"pmp.discovery.iou_threshold must be in (0, 1], got {iou}")
         steps = pmp.discovery.max_steps
         _check(steps >= 0, f"pmp.discovery.max_steps must be >= 0, got {steps}")
+        self._validate_numbers()
         return self
+
+    def _validate_numbers(self) -> None:
+        """Optimizer, evaluation, data and checkpoint values that would otherwise fail mid-run."""
+        for name, value in _floats(self, ""):
+            _check(math.isfinite(value), f"{name} must be a finite number, got {value}")
+        o, t = self.optim, self.train
+        for name in ("optim.lr", "optim.min_lr", "pmp.discovery.lr", "optim.weight_decay", "optim.clip_grad",
+                     "pmp.discovery.clip_grad", "optim.lr_warmup_steps", "train.eval_interval",
+                     "checkpoint.keep_last", "data.num_workers"):
+            _check(_get(self, name) >= 0, f"{name} must be >= 0, got {_get(self, name)}")
+        _check(o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
+        for name in ("optim.adam_beta1", "optim.adam_beta2"):
+            _check(0.0 <= _get(self, name) < 1.0, f"{name} must be in [0, 1), got {_get(self, name)}")
+        _check(o.adam_eps > 0, f"optim.adam_eps must be > 0, got {o.adam_eps}")
+        _check(o.loss_scale is None or o.loss_scale > 0, f"optim.loss_scale must be > 0, got {o.loss_scale}")
+        shares = parse_split(self.data.split)
+        if t.eval_interval:
+            _check(t.eval_steps >= 1, f"train.eval_steps must be >= 1 when train.eval_interval > 0 "
+                                      f"(evaluation on), got {t.eval_steps}; set train.eval_interval=0 "
+                                      "to turn evaluation off")
+            _check(shares[1] > 0, f"data.split {self.data.split!r} gives the validation split no documents, "
+                                  "but train.eval_interval > 0 evaluates on it; set train.eval_interval=0 "
+                                  "or give it a share")
+
+
+_SPLIT_SHARE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """``"98,1,1"`` -> ``(98.0, 1.0, 1.0)``: the train/valid/test shares (missing trailing ones are 0).
+
+    Megatron reads the numbers out of the string with a regex and would silently misread anything
+    else (``"abc"`` -> nothing, a division by zero later), so only plain non-negative numbers separated
+    by commas are accepted, at least one of them positive. ValueError names ``data.split``.
+    """
+    parts = split.split(",")
+    if len(parts) > 3 or not all(_SPLIT_SHARE.fullmatch(p) for p in parts):
+        raise ValueError(f"data.split must be up to three comma-separated non-negative numbers "
+                         f"(train,valid,test, e.g. '98,1,1'), got {split!r}")
+    shares = [float(p) for p in parts] + [0.0] * (3 - len(parts))
+    if sum(shares) <= 0:
+        raise ValueError(f"data.split must give some share to at least one split, got {split!r}")
+    return shares[0], shares[1], shares[2]
+
+
+def _floats(obj: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    """(dotted name, value) of every float in a config tree."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{name}.")
+        elif isinstance(value, float):
+            yield name, value
 
 
 def _check(ok: bool, message: str) -> None:
@@ -242,7 +298,22 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does, and refuses a key given
+    twice in one mapping (plain PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ValueError(f"{key_node.start_mark.name}:{line}: duplicate key {key!r} "
+                                 f"(first given at line {seen[key]})")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -272,8 +343,19 @@ def load_yaml(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> dict:
     if path in _stack:
         chain = " -> ".join(str(p) for p in (*_stack, path))
         raise ValueError(f"config include cycle: {chain}")
-    with open(path) as f:
-        data = yaml.load(f, Loader=_Loader)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        bad = raw[err.start]
+        raise ValueError(f"config file {path}:{line}: not valid UTF-8 (byte 0x{bad:02x})") from None
+    loader = _Loader(text)
+    loader.name = str(path)  # YAML error marks name the file
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must contain a mapping, got {type(data).__name__}")
@@ -362,6 +444,15 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+# Removed fields -> the value every config saved before the removal holds. Such a config (a checkpoint's,
+# a run dir's config.yaml) still loads: that value is dropped. Any other value is refused.
+_RETIRED = {
+    "data.corpus": ("builtin:prose", "it was never read; preprocess a corpus with tools/preprocess_data.py "
+                                     "and give data.data_path"),
+    "checkpoint.async_save": (False, "checkpoints are saved synchronously"),
+}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         where = f"config section '{prefix}'" if prefix else "config"
@@ -371,6 +462,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if dotted in _RETIRED:
+            old_default, why = _RETIRED[dotted]
+            if value == old_default:
+                continue
+            raise ValueError(f"config field '{dotted}' was removed ({why}); got {value!r}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
@@ -411,8 +507,7 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike] | None,
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the fully resolved config as YAML (loadable again with ``load_config``)."""
+    """Write the fully resolved config as YAML (loadable again with ``load_config``), atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.write("# resolved pmp_megatron config\n")
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    write_text_atomic(path, "# resolved pmp_megatron config\n" + body)

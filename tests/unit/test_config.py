@@ -120,10 +120,10 @@ def test_precedence_defaults_yaml_overrides():
 
 def test_override_value_parsing():
     cfg = load_config(None, RHO + ["model.rotary_base=500000", "parallel.sequence_parallel=false",
-                                   "data.data_path=[0.3, a, 0.7, b]", "data.corpus=[x.txt, y.txt]",
+                                   "data.data_path=[0.3, a, 0.7, b]",
                                    "pmp.discovery.patience=3", "checkpoint.dir=/tmp/ck"])
     assert cfg.model.rotary_base == 500000.0 and isinstance(cfg.model.rotary_base, float)
-    assert cfg.data.data_path == [0.3, "a", 0.7, "b"] and cfg.data.corpus == ["x.txt", "y.txt"]
+    assert cfg.data.data_path == [0.3, "a", 0.7, "b"]
     assert cfg.pmp.discovery.patience == 3 and cfg.checkpoint.dir == "/tmp/ck"
 
 
