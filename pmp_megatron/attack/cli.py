@@ -69,59 +69,27 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _release_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        return None
-    shapes = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
-
-
 def _check_mask_file(mask_path: str, model_dir: Path) -> float:
     """Verify the mask matches the release's parameters; return its rho."""
     from pmp_megatron.attack.runner import load_true_mask
+    from pmp_megatron.release.audit import check_mask_names
+    from pmp_megatron.release.reader import read_shapes
 
     masks, meta = load_true_mask(mask_path)
-    shapes = _release_shapes(model_dir)
+    shapes = read_shapes(model_dir)
     if shapes is not None:
-        missing, extra = sorted(set(shapes) - set(masks)), sorted(set(masks) - set(shapes))
-        if missing or extra:
-            raise ValueError(f"mask file {mask_path} does not match the parameters of {model_dir}: missing "
-                             f"{missing[:5]}, not in the model {extra[:5]}")
-        bad = [n for n in masks if tuple(masks[n].shape) != shapes[n]]
-        if bad:
-            name = bad[0]
-            raise ValueError(f"mask file {mask_path}: tensor {name!r} has shape {tuple(masks[name].shape)}, "
-                             f"the model's {shapes[name]}")
+        check_mask_names(masks, shapes, f"mask file {mask_path}")
     return meta["rho"]
 
 
 def _regen_config(seed: int | None, model_config: str | None, model_dir: Path):
-    from pmp_megatron.config import config_from_dict, load_yaml
-    from pmp_megatron.release.recovery import model_config_from_hf
+    from pmp_megatron.release.audit import model_config_for_audit
 
     if seed is None:
         if model_config:
             raise ValueError("--model-config is only used with --seed-for-regeneration")
         return None
-    from_hf = model_config_from_hf(json.loads((model_dir / "config.json").read_text()), seed)
-    if not model_config:
-        return from_hf
-    section = load_yaml(model_config).get("model", {})
-    model = config_from_dict({"model": section, "pmp": {"mode": "dense"}}).model
-    model = dataclasses.replace(model, seed=seed)
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "vocab_size", "untie_embeddings"):
-        if getattr(model, name) != getattr(from_hf, name):
-            raise ValueError(f"--model-config {model_config}: model.{name} = {getattr(model, name)} but "
-                             f"the release has {getattr(from_hf, name)}")
-    return model
+    return model_config_for_audit(model_dir, seed, model_config)
 
 
 def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | None = None,
@@ -131,13 +99,14 @@ def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | 
     from pmp_megatron.attack import runner
     from pmp_megatron.attack import suite as suite_mod
     from pmp_megatron.attack.tasks import ReleaseTokenizer, resolve_source
+    from pmp_megatron.release.reader import check_model_dir
 
     spec = suite_mod.load_suite(suite)
     models = {"pmp": str(Path(model).resolve())}
     if dense_model:
         models["dense"] = str(Path(dense_model).resolve())
     for path in models.values():
-        runner.check_model_dir(path)
+        check_model_dir(path)
     for task in [*spec.tasks, *([spec.pretraining_eval] if spec.pretraining_eval else [])]:
         resolve_source(task)  # ValueError for an unknown task, before any cell runs
     if "dense" in models and (ReleaseTokenizer(models["pmp"]).sha256

@@ -42,6 +42,8 @@ from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
 from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.release import recovery
+from pmp_megatron.release.audit import check_mask_names, weight_shapes
+from pmp_megatron.release.reader import check_model_dir, read_config, release_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,7 @@ def set_trained_state_hook(fn: Callable[[Cell, dict[str, torch.Tensor]], None] |
 
 def model_identity(model_dir: str | Path) -> str:
     """A content hash of a release: its manifest's tensor hashes if present, else its weight files."""
-    model_dir = Path(model_dir)
-    check_model_dir(model_dir)
+    model_dir = check_model_dir(model_dir)
     h = hashlib.sha256()
     manifest = model_dir / "release_manifest.json"
     if manifest.is_file():
@@ -82,17 +83,6 @@ def model_identity(model_dir: str | Path) -> str:
                     h.update(block)
     h.update((model_dir / "config.json").read_bytes())
     return h.hexdigest()[:16]
-
-
-def check_model_dir(model_dir: str | Path) -> None:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"model directory {str(model_dir)!r} does not exist or has no config.json")
-
-
-def release_dtype(model_dir: str | Path) -> str:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,13 +109,6 @@ def load_true_mask(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return maskfile.load(path)
 
 
-def check_mask(masks: dict[str, torch.Tensor], model: torch.nn.Module, what: str = "mask") -> None:
-    """ValueError unless ``masks`` covers exactly the model's parameters with matching shapes."""
-    from pmp_megatron.release.audit import check_mask_names
-
-    check_mask_names(masks, dict(model.named_parameters()), what)
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_dir: str) -> tasks.ReleaseTokenizer:
     return tasks.ReleaseTokenizer(model_dir)
@@ -146,7 +129,7 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
     true = None
     if ctx.mask_path is not None:
         true = {n: m.to(next(model.parameters()).device) for n, m in load_true_mask(ctx.mask_path)[0].items()}
-        check_mask(true, model, f"mask file {ctx.mask_path}")
+        check_mask_names(true, weight_shapes(dict(model.named_parameters())), f"mask file {ctx.mask_path}")
     if cell.attacker == "authorized":
         if true is None:
             raise ValueError("attacker 'authorized' needs the owner's mask file")
@@ -164,8 +147,9 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
                 raise ValueError("attacker 'recovery_init' needs --seed-for-regeneration (and the model "
                                  "config)")
             w0 = recovery.iter_w0(ctx.regen_config)
-        masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, release_dtype(
-            ctx.models[cell.role]), spec.init_rule, spec.init_tolerance)
+        dtype = release_dtype(read_config(ctx.models[cell.role]))
+        masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, dtype, spec.init_rule,
+                                       spec.init_tolerance)
         info["recovery_s"] = round(time.time() - start, 3)
         if true is not None:
             info["iou"] = recovery.iou(masks, true)

@@ -19,15 +19,17 @@ release directory (``release_audit.json``); it is not a tensor and not in the re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from pmp_megatron.config import ModelConfig
-from pmp_megatron.release import recovery
+from pmp_megatron.release import reader, recovery
+from pmp_megatron.release.hf_llama import check_architecture, model_config_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ _SUFFIX_TYPES = (("embed_tokens.weight", "embed"), ("q_proj.weight", "q"), ("k_p
                  ("up_proj.weight", "up"), ("down_proj.weight", "down"), ("layernorm.weight", "norms"),
                  ("model.norm.weight", "norms"), ("lm_head.weight", "lm_head"))
 DEFAULT_WARN_LEVEL = 0.5
+# What W0 depends on besides the seed (``model.w0``): the parameter shapes and the init std.
+_W0_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "vocab_size", "untie_embeddings", "init_method_std")
 
 
 def tensor_type(hf_name: str) -> str:
@@ -47,27 +52,33 @@ def tensor_type(hf_name: str) -> str:
     raise ValueError(f"tensor {hf_name!r} is not a parameter of the HF Llama model")
 
 
-def check_mask_names(masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+def check_mask_names(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
                      what: str = "mask file") -> None:
-    """ValueError unless ``masks`` has exactly the release's tensor names, with the same shapes."""
-    missing, extra = sorted(set(weights) - set(masks)), sorted(set(masks) - set(weights))
+    """ValueError unless ``masks`` has exactly the release's tensor names (``shapes``: HF name -> shape),
+    with the same shapes."""
+    missing, extra = sorted(set(shapes) - set(masks)), sorted(set(masks) - set(shapes))
     if missing or extra:
         raise ValueError(f"{what} does not match the release names: missing {missing[:5]}, not in the "
                          f"release {extra[:5]} (a mask of another model?)")
-    for name, w in weights.items():
-        if tuple(masks[name].shape) != tuple(w.shape):
+    for name, shape in shapes.items():
+        if tuple(masks[name].shape) != tuple(shape):
             raise ValueError(f"{what} tensor {name!r} has shape {tuple(masks[name].shape)}, the release "
-                             f"{tuple(w.shape)}")
+                             f"{tuple(shape)}")
+
+
+def weight_shapes(weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of loaded tensors (or a model's ``named_parameters``), for ``check_mask_names``."""
+    return {n: tuple(w.shape) for n, w in weights.items()}
 
 
 def iou_by_type(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """IoU of a recovered mask against the true one per tensor type (types present) and ``overall``."""
     inter: dict[str, int] = {}
     union: dict[str, int] = {}
-    for name, t in true.items():
-        p, kind = pred[name], tensor_type(name)
-        inter[kind] = inter.get(kind, 0) + int((p & t).sum())
-        union[kind] = union.get(kind, 0) + int((p | t).sum())
+    for name, (i, u) in recovery.overlap(pred, true).items():
+        kind = tensor_type(name)
+        inter[kind] = inter.get(kind, 0) + i
+        union[kind] = union.get(kind, 0) + u
     out = {k: inter[k] / union[k] if union[k] else 1.0 for k in TENSOR_TYPES if k in inter}
     total = sum(union.values())
     out["overall"] = sum(inter.values()) / total if total else 1.0
@@ -83,7 +94,7 @@ def density_by_type(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
         kept[kind] = kept.get(kind, 0) + int(m.sum())
         total[kind] = total.get(kind, 0) + m.numel()
     out = {k: kept[k] / total[k] for k in TENSOR_TYPES if k in kept}
-    out["overall"] = sum(kept.values()) / max(1, sum(total.values()))
+    out["overall"] = recovery.mask_density(masks)
     return out
 
 
@@ -97,7 +108,7 @@ def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Te
           warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
     """Run the recovery attackers on ``weights`` (HF name -> tensor) and score them against
     ``true_masks``; ``w0`` (HF name, W0) pairs enable the init-regeneration attacker. Returns the report."""
-    check_mask_names(true_masks, weights)
+    check_mask_names(true_masks, weight_shapes(weights))
     true = {n: m.to(torch.bool) for n, m in true_masks.items()}
     density = recovery.mask_density(true)
     attackers: dict[str, dict] = {}
@@ -133,20 +144,6 @@ def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Te
     return report
 
 
-def load_release(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(HF name -> tensor as stored, config.json) of a release directory."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not (model_dir / "config.json").is_file() or not files:
-        raise ValueError(f"{str(model_dir)!r} is not a release directory (config.json and *.safetensors)")
-    weights: dict[str, torch.Tensor] = {}
-    for path in files:
-        weights.update(load_file(str(path)))
-    return weights, json.loads((model_dir / "config.json").read_text())
-
-
 def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: ModelConfig | None = None,
                   warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
     """Audit the release in ``model_dir`` against the private mask file ``mask_path``; ``model_cfg``
@@ -155,12 +152,11 @@ def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: Model
 
     if not Path(mask_path).is_file():
         raise ValueError(f"mask file {str(mask_path)!r} does not exist")
-    weights, hf_cfg = load_release(model_dir)
+    weights, hf_cfg = reader.read_weights(model_dir)
     true, meta = maskfile.load(mask_path)
-    check_mask_names(true, weights, f"mask file {str(mask_path)!r}")
-    dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
+    check_mask_names(true, weight_shapes(weights), f"mask file {str(mask_path)!r}")
     w0 = recovery.iter_w0(model_cfg) if model_cfg is not None else None
-    report = audit(weights, true, w0=w0, release_dtype=dtype, warn_level=warn_level)
+    report = audit(weights, true, w0=w0, release_dtype=reader.release_dtype(hf_cfg), warn_level=warn_level)
     report["rho"] = meta["rho"]
     report["init_seed_known"] = model_cfg is not None
     return report
@@ -168,18 +164,20 @@ def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: Model
 
 def model_config_for_audit(model_dir: str | Path, seed: int, model_config: str | Path | None = None
                            ) -> ModelConfig:
-    """The init config of a release for ``recovery_init``: the model section of ``model_config`` (a YAML
-    recipe) if given, else derived from the release's config.json; ``seed`` is the init seed."""
-    import dataclasses
+    """The init config of a release for ``recovery_init`` (the audit's and the attack suite's): the model
+    section of ``model_config`` (a YAML recipe, whose architecture must be the release's) if given, else
+    what W0 depends on from the release's config.json -- shapes, tying, init std = ``initializer_range``
+    -- with the other fields at their defaults (the config enters attack cell ids: W0's alone); ``seed``
+    is the init seed."""
+    hf = model_config_from_hf(reader.read_config(model_dir))
+    if model_config is None:
+        return ModelConfig(**{f: getattr(hf, f) for f in _W0_FIELDS}, seed=seed)
+    from pmp_megatron.config import config_from_dict, load_yaml
 
-    if model_config is not None:
-        from pmp_megatron.config import config_from_dict, load_yaml
-
-        model = load_yaml(model_config).get("model", {})  # only the model section matters here
-        cfg = config_from_dict({"model": model, "pmp": {"mode": "dense"}})
-        return dataclasses.replace(cfg.model, seed=seed)
-    hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return recovery.model_config_from_hf(hf_cfg, seed)
+    section = load_yaml(model_config).get("model", {})  # only the model section matters here
+    model = config_from_dict({"model": section, "pmp": {"mode": "dense"}}).model
+    check_architecture(model, hf, f"--model-config {model_config}:")
+    return dataclasses.replace(model, seed=seed)
 
 
 def markdown_table(report: Mapping) -> str:

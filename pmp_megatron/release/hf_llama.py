@@ -197,6 +197,51 @@ def hf_config(model_cfg: ModelConfig, dtype: str = "float32", bos_token_id: int 
     }
 
 
+# ModelConfig field <- HF config.json key: the architecture a Llama directory fixes.
+_ARCH = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+         "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
+         "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size"}
+
+
+def _rope_theta(hf_cfg: Mapping) -> float:
+    rope = hf_cfg.get("rope_parameters") or {}
+    scaling = hf_cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ValueError(f"HF config rope_type {kind!r} is not supported (only plain RoPE, 'default')")
+    return float(rope.get("rope_theta", hf_cfg.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf_cfg: Mapping) -> ModelConfig:
+    """The ModelConfig of an HF ``LlamaForCausalLM`` config.json (the inverse of ``hf_config``);
+    ValueError for what we cannot build."""
+    if hf_cfg.get("model_type") != "llama":
+        raise ValueError(f"HF config model_type is {hf_cfg.get('model_type')!r}, only 'llama' converts")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf_cfg.get(key, ok) != ok:
+            raise ValueError(f"HF config {key}={hf_cfg[key]!r} is not supported (expected {ok!r})")
+    heads = hf_cfg["num_attention_heads"]
+    m = ModelConfig(**{f: hf_cfg[k] for f, k in _ARCH.items() if k in hf_cfg and hf_cfg[k] is not None},
+                    seq_length=hf_cfg.get("max_position_embeddings", ModelConfig.seq_length),
+                    rotary_base=_rope_theta(hf_cfg), norm_epsilon=float(hf_cfg.get("rms_norm_eps", 1e-5)),
+                    init_method_std=float(hf_cfg.get("initializer_range", 0.02)),
+                    untie_embeddings=not hf_cfg.get("tie_word_embeddings", False))
+    if hf_cfg.get("num_key_value_heads") is None:
+        m.num_query_groups = heads
+    if hf_cfg.get("head_dim") not in (None, m.head_dim):
+        raise ValueError(f"HF config head_dim {hf_cfg['head_dim']} != hidden_size / num_attention_heads "
+                         f"= {m.head_dim} (not supported)")
+    return m
+
+
+def check_architecture(given: ModelConfig, hf: ModelConfig, what: str = "config") -> None:
+    """ValueError unless ``given`` has the architecture (shapes, tying) of ``hf``, a model_config_from_hf."""
+    for f in (*_ARCH, "untie_embeddings"):
+        if getattr(given, f) != getattr(hf, f):
+            raise ValueError(f"{what} model.{f}={getattr(given, f)!r} disagrees with the HF directory "
+                             f"({getattr(hf, f)!r})")
+
+
 def torch_dtype(dtype: str) -> torch.dtype:
     """``'float32'`` / ``'bfloat16'`` / ``'float16'`` -> torch dtype; ValueError otherwise."""
     if dtype not in _DTYPES:

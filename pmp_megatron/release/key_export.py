@@ -19,6 +19,7 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import maskfile
 from pmp_megatron.pmp import masks as pmp_masks
+from pmp_megatron.release.from_checkpoint import resolve_iteration
 from pmp_megatron.release.hf_llama import to_hf
 from pmp_megatron.train import checkpoint
 
@@ -33,15 +34,6 @@ def single_process_config(common: dict):
                          use_distributed_optimizer=False, overlap_param_gather=False)
     d["train"].update(global_batch_size=d["train"]["micro_batch_size"])
     return config_from_dict(d, world_size=1)
-
-
-def resolve_iteration(root, iteration: int | None) -> int:
-    if iteration is None:
-        iteration = checkpoint.latest_valid(root)
-        if iteration is None:
-            raise ValueError(f"no valid checkpoint in {root}")
-    checkpoint.verify(checkpoint.iter_dir(root, iteration))
-    return iteration
 
 
 def load_global_masks(root, iteration: int | None = None):

@@ -48,16 +48,23 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
     return sum(int(m.sum()) for m in masks.values()) / max(1, total)
 
 
-def iou(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> float:
-    """Intersection over union of two masks over the whole model (same names and shapes)."""
+def overlap(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Per tensor, the (intersection, union) entry counts of two full masks with the same names and shapes
+    (the sharded, distributed IoU of Stage I is ``pmp.select.iou``)."""
     if set(pred) != set(true):
         raise ValueError(f"masks differ in tensor names: {sorted(set(pred) ^ set(true))[:5]}")
-    inter = union = 0
+    out = {}
     for name, p in pred.items():
         t = true[name].to(p.device)
-        inter += int((p & t).sum())
-        union += int((p | t).sum())
-    return inter / union if union else 1.0
+        out[name] = (int((p & t).sum()), int((p | t).sum()))
+    return out
+
+
+def iou(pred: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> float:
+    """Intersection over union of two masks over the whole model (same names and shapes)."""
+    counts = overlap(pred, true).values()
+    union = sum(u for _, u in counts)
+    return sum(i for i, _ in counts) / union if union else 1.0
 
 
 def kth_largest(tensors: Iterable[torch.Tensor], k: int) -> float:
@@ -134,20 +141,6 @@ def recover_per_tensor(weights: Mapping[str, torch.Tensor], density: float) -> d
         thr = a.kthvalue(a.numel() - k + 1).values
         out[n] = (a >= thr).reshape(w.shape)
     return out
-
-
-def model_config_from_hf(hf_cfg: Mapping, seed: int) -> ModelConfig:
-    """The init-relevant ModelConfig of an HF Llama ``config.json`` (std = ``initializer_range``)."""
-    heads = hf_cfg["num_attention_heads"]
-    cfg = ModelConfig(
-        num_layers=hf_cfg["num_hidden_layers"], hidden_size=hf_cfg["hidden_size"], num_attention_heads=heads,
-        num_query_groups=hf_cfg.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf_cfg["intermediate_size"], vocab_size=hf_cfg["vocab_size"],
-        init_method_std=float(hf_cfg.get("initializer_range", 0.02)),
-        untie_embeddings=not hf_cfg.get("tie_word_embeddings", False), seed=seed)
-    if hf_cfg.get("head_dim") not in (None, cfg.head_dim):
-        raise ValueError(f"config.json head_dim {hf_cfg['head_dim']} != hidden/heads = {cfg.head_dim}")
-    return cfg
 
 
 def iter_w0(model_cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:

@@ -323,9 +323,10 @@ def test_suite_yaml_round_trip(tmp_path):
 def test_bad_inputs_are_named(tmp_path):
     from safetensors.torch import save_file
 
-    from pmp_megatron.attack import cli, runner, tasks
+    from pmp_megatron.attack import cli, tasks
     from pmp_megatron.attack.suite import TaskSpec
     from pmp_megatron.pmp import maskfile
+    from pmp_megatron.release import reader
 
     with pytest.raises(ValueError, match="unknown task 'no_such_task'"):
         tasks.resolve_source(TaskSpec(source="no_such_task"))
@@ -333,7 +334,7 @@ def test_bad_inputs_are_named(tmp_path):
         tasks.resolve_source(TaskSpec(source="builtin:nope"))
     assert tasks.resolve_source(TaskSpec(source="code_test")) == "builtin:code_test"
     with pytest.raises(ValueError, match="does not exist or has no config.json"):
-        runner.check_model_dir(tmp_path / "missing")
+        reader.check_model_dir(tmp_path / "missing")
     release = tmp_path / "release"
     release.mkdir()
     (release / "config.json").write_text("{}")

@@ -1,0 +1,62 @@
+"""Read a Hugging Face Llama directory -- a release of ours or any HF checkpoint to import.
+
+The one reader of such directories, used by the leakage audit, the attack runner and CLI, and
+``to_megatron``: ``config.json``, the release dtype, the tensor shapes (from the safetensors headers, no
+tensor data read) and the tensors themselves (``*.safetensors``, single or sharded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` as a Path; ValueError unless it holds a config.json."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model directory {str(model_dir)!r} does not exist or has no config.json")
+    return model_dir
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """The directory's config.json."""
+    return json.loads((check_model_dir(model_dir) / "config.json").read_text())
+
+
+def release_dtype(hf_cfg: Mapping) -> str:
+    """The dtype the tensors are stored in: ``dtype`` (transformers 5.x), else ``torch_dtype`` (4.x; a
+    release of ours writes both, equal), else float32."""
+    return str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32")
+
+
+def read_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """HF name -> shape of every tensor, from the safetensors headers; None without ``*.safetensors``."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def read_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF name -> tensor as stored, config.json); ValueError without config.json or ``*.safetensors``."""
+    from safetensors.torch import load_file
+
+    hf_cfg = read_config(model_dir)
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{str(model_dir)!r} has no *.safetensors weights (only safetensors are read)")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        weights.update(load_file(str(path)))
+    return weights, hf_cfg
