@@ -3,11 +3,9 @@ and gives our logits: the debug model at five layouts and the TinyLlama-1.1B arc
 The release's tokenizer loads offline with ``AutoTokenizer`` and encodes like sentencepiece."""
 
 import json
-import random
 
 import pytest
 import torch
-
 
 from pmp_megatron.testing import REPO, spawn, tiny_sentencepiece
 

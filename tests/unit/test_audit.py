@@ -1,8 +1,10 @@
 """The release leakage audit on synthetic tensors: a complement shrunk 100x is recovered by |w| with IoU ~1,
 an unshrunk one is not (IoU near chance) -- but the init-regeneration attacker recovers it exactly; a mask
-of other tensors is refused by name; the table and the loud warning."""
+of other tensors is refused by name; the table and the loud warning; W0 regenerates without megatron-core."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,3 +86,12 @@ def test_mask_of_other_tensors_is_refused():
     masks["model.norm.weight"] = masks["model.norm.weight"][:16]
     with pytest.raises(ValueError, match="model.norm.weight"):
         audit.audit(weights, masks)
+
+
+def test_regenerating_w0_needs_no_megatron():
+    """The init-regeneration attacker (and the audit running it) import torch, not megatron-core."""
+    code = ("import sys; import pmp_megatron.model.w0, pmp_megatron.release.recovery, "
+            "pmp_megatron.release.audit; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformer_engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
