@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_write", "atomic_writes", "write_bytes_atomic", "write_text_atomic"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -32,19 +32,42 @@ def atomic_write(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryI
     ``mode`` is the new file's permission bits (the umask still applies, so it can only tighten them).
     The target's directory must exist. On an exception the temp file is removed and ``path`` is untouched.
     """
-    path = Path(path)
-    tmp = _temp_name(path)
-    fd = os.open(tmp, _FLAGS, mode)
+    with atomic_writes([path], mode) as (f,):
+        yield f
+
+
+@contextmanager
+def atomic_writes(paths: Sequence[str | os.PathLike], mode: int = 0o644) -> Iterator[list[BinaryIO]]:
+    """``atomic_write`` for files that belong together (a dataset's ``.bin``, ``.idx`` and metadata).
+
+    Yields one binary file per path. When the block succeeds every file is flushed to disk first, and
+    only then are the targets replaced, in the given order, one rename each (so put the file readers
+    check last at the end). On an exception nothing is replaced and no temp file is left.
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
+    files: list[BinaryIO] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
+        for target in targets:
+            tmp = _temp_name(target)
+            files.append(os.fdopen(os.open(tmp, _FLAGS, mode), "wb"))
+            temps.append(tmp)
+        yield files
+        for f in files:
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.close()
+        for tmp, target in zip(temps, targets, strict=True):
+            os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for f in files:
+            with suppress(OSError):
+                f.close()
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    for directory in dict.fromkeys(t.parent for t in targets):
+        _fsync_dir(directory)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
@@ -65,8 +88,7 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -7,6 +7,10 @@ SentencePiece tokenizer on the same inputs first.
 Inputs: ``builtin:<domain>`` (see pmp_megatron.data.corpora), JSONL files (.jsonl/.json; the text under
 --json-key) or plain text files (one document per file; per blank-line-separated paragraph with
 --split-paragraphs). All inputs go into one output dataset; run once per dataset to blend several.
+
+Nothing is replaced unless the whole run succeeds: a tokenizer trained with --train-tokenizer is written
+together with the dataset, and a failure leaves the files already at --output-prefix and
+--tokenizer-model as they were.
 """
 
 from __future__ import annotations
@@ -51,19 +55,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pmp_megatron.data.indexed import iter_inputs, preprocess
-    from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer
+    from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer_proto
 
     limits = dict(json_key=args.json_key, split_paragraphs=args.split_paragraphs,
                   max_docs=args.max_docs, max_chars=args.max_chars)
     try:
         if args.train_tokenizer:
-            tokenizer = train_tokenizer(iter_inputs(args.input, **limits), args.tokenizer_model,
-                                        args.vocab_size, model_type=args.model_type,
-                                        max_sentences=args.tokenizer_max_sentences)
+            proto = train_tokenizer_proto(iter_inputs(args.input, **limits), args.vocab_size,
+                                          model_type=args.model_type,
+                                          max_sentences=args.tokenizer_max_sentences)
+            tokenizer = Tokenizer.from_proto(proto, args.tokenizer_model)
         else:
             tokenizer = Tokenizer(args.tokenizer_model)
         meta = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
-                          chunk_size=args.chunk_size, progress=not args.no_progress, **limits)
+                          chunk_size=args.chunk_size, progress=not args.no_progress,
+                          write_tokenizer=args.train_tokenizer, **limits)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

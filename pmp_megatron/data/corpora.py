@@ -21,7 +21,8 @@ Documents shorter than ``MIN_CHARS`` non-blank characters are dropped. ``site-pa
 
 ``iter_source`` reads any document source the pipeline accepts: ``builtin:<domain>``, a JSONL file
 (``.jsonl``/``.json``, one object a line, the text under a configurable key), or a plain text file
-(one document per file, or one per blank-line-separated paragraph with ``split_paragraphs``).
+(one document per file, or one per blank-line-separated paragraph with ``split_paragraphs``). Input files
+must be UTF-8: a byte that is not raises one ValueError naming the file and line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import inspect
 import io
 import json
 import os
+import re
 import sys
 import sysconfig
 import tokenize
@@ -128,7 +130,7 @@ def iter_source(source: str | os.PathLike, json_key: str = "text", split_paragra
     elif split_paragraphs:
         docs = _iter_paragraphs(path)
     else:
-        docs = iter([path.read_text(encoding="utf-8")])
+        docs = iter([_read_text(path)])
     num_docs = 0
     for text in docs if max_docs != 0 else ():
         if max_chars is not None:
@@ -140,32 +142,62 @@ def iter_source(source: str | os.PathLike, json_key: str = "text", split_paragra
                 return
 
 
-def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_utf8(text: str, path: Path, line_no: int) -> str:
+    """``text`` (one line, decoded with ``surrogateescape``), or ValueError naming the first bad byte."""
+    bad = _UNDECODABLE.search(text)
+    if bad is not None:
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xdc00:02x} at "
+                         f"column {bad.start() + 1}); convert the file to UTF-8")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    bad = _UNDECODABLE.search(text)
+    if bad is not None:
+        line_start = text.rfind("\n", 0, bad.start()) + 1
+        _check_utf8(text[line_start:bad.end()], path, text.count("\n", 0, bad.start()) + 1)
+    return text
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, one at a time; ValueError at the first bad byte."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or json_key not in record:
-                raise ValueError(f"{path}:{line_no}: no {json_key!r} key in this JSONL line")
-            text = record[json_key]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_no}: {json_key!r} is a {type(text).__name__}, not a string")
-            yield text
+            yield line_no, _check_utf8(line, path, line_no)
+
+
+def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or json_key not in record:
+            raise ValueError(f"{path}:{line_no}: no {json_key!r} key in this JSONL line")
+        text = record[json_key]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_no}: {json_key!r} is a {type(text).__name__}, not a string")
+        if _SURROGATE.search(text):
+            raise ValueError(f"{path}:{line_no}: {json_key!r} holds a lone surrogate escape "
+                             "(\\ud800-\\udfff), which is not text")
+        yield text
 
 
 def _iter_paragraphs(path: Path) -> Iterator[str]:
     paragraph: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph).rstrip("\n")
-                paragraph = []
+    for _, line in _text_lines(path):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph).rstrip("\n")
+            paragraph = []
     if paragraph:
         yield "".join(paragraph).rstrip("\n")
 
