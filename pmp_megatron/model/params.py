@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from pmp_megatron import mcore
 
@@ -111,7 +110,7 @@ def shard_infos(chunks, vocab_size: int) -> dict[str, tuple[torch.nn.Parameter, 
     """Canonical name -> (local parameter, ShardInfo) for every parameter of this rank's chunks."""
     out = {}
     for chunk in chunks:
-        chunk = getattr(chunk, "module", chunk)  # DDP-wrapped or not
+        chunk = mcore.unwrap(chunk)  # DDP-wrapped or not
         for local_name, param in chunk.named_parameters():
             name = canonical_name(chunk, local_name)
             tied_copy = name == OUTPUT and getattr(param, "shared_embedding", False)
@@ -126,8 +125,7 @@ def shard_infos(chunks, vocab_size: int) -> dict[str, tuple[torch.nn.Parameter, 
 def gather_full(local: dict[str, tuple[torch.Tensor, ShardInfo]]) -> dict[str, torch.Tensor]:
     """Assemble global tensors from every rank's shards (for tests and small models; not streaming)."""
     mine = [(info, t.detach().cpu()) for t, info in local.values()]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = mcore.all_gather_object(mine)
     full: dict[str, torch.Tensor] = {}
     for shards in everyone:
         for info, t in shards:

@@ -42,10 +42,6 @@ def has_masks(chunks) -> bool:
     return all(hasattr(p, "pmp_mask") for chunk in chunks for p in chunk.parameters())
 
 
-def _unwrap(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def sharded_state_dict(chunks, empty: bool = False) -> dict:
     """Sharded state of the masks, mirroring each weight's own sharded state (see module docstring).
 
@@ -54,8 +50,8 @@ def sharded_state_dict(chunks, empty: bool = False) -> dict:
     """
     out = {}
     for i, chunk in enumerate(chunks):
-        by_ptr = {p.data_ptr(): p for p in _unwrap(chunk).parameters()}
-        for key, sh in _unwrap(chunk).sharded_state_dict().items():
+        by_ptr = {p.data_ptr(): p for p in mcore.unwrap(chunk).parameters()}
+        for key, sh in mcore.unwrap(chunk).sharded_state_dict().items():
             data = getattr(sh, "data", None)
             if not isinstance(data, torch.Tensor) or data.data_ptr() not in by_ptr:
                 continue
@@ -86,13 +82,11 @@ def attach_loaded(loaded: dict, template: dict) -> None:
 
 def density(chunks, vocab_size: int) -> float:
     """Fraction of real parameters masked in (counted once over the model-parallel group)."""
-    import torch.distributed as dist
-
     kept = torch.zeros(2, dtype=torch.float64)
     for param, info in shard_infos(chunks, vocab_size).values():
         if info.counted:
             kept[0] += param.pmp_mask.sum().item()
             kept[1] += info.numel()
-    if dist.is_initialized():
-        dist.all_reduce(kept, group=mcore.model_parallel_group())
+    if torch.distributed.is_initialized():
+        mcore.all_reduce(kept, group=mcore.model_parallel_group())
     return (kept[0] / kept[1]).item()

@@ -83,7 +83,7 @@ def default_group(group=None):
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        mcore.all_reduce(t, group=group)
     return t
 
 
@@ -150,8 +150,7 @@ def _layout(entries, group, refresh: bool) -> tuple[dict[str, int], int]:
     mine = sorted({(info.name, math.prod(info.global_shape)) for _, info in entries.values()})
     everyone = [mine]
     if group is not None and dist.get_world_size(group) > 1:
-        everyone = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
+        everyone = mcore.all_gather_object(mine, group=group)
     sizes: dict[str, int] = {}
     for part in everyone:
         for name, numel in part:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from pmp_megatron import mcore
 from pmp_megatron.model.params import shard_infos
@@ -57,7 +56,7 @@ class MaskedUpdate:
         self.cfg = cfg
         self.optimizer = optimizer
         self.entries = list(shard_infos(chunks, cfg.model.vocab_size).values())
-        tcfg = getattr(chunks[0], "module", chunks[0]).config
+        tcfg = mcore.unwrap(chunks[0]).config
         inner = tcfg.finalize_model_grads_func
         assert inner is not None, "wrap the model in DDP (train.step.wrap_ddp) before MaskedUpdate"
 
@@ -124,6 +123,6 @@ class MaskedUpdate:
             if info.counted:
                 comp = ~m & info.real(m.shape, device=m.device)
                 sq += t.data.double().pow(2)[comp].sum()
-        if dist.is_initialized():
-            dist.all_reduce(sq, group=mcore.model_parallel_group())
+        if torch.distributed.is_initialized():
+            mcore.all_reduce(sq, group=mcore.model_parallel_group())
         return math.sqrt(sq.item())

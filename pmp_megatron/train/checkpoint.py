@@ -72,7 +72,7 @@ def verify(folder: Path) -> None:
 
 
 def model_sharded_state_dict(chunks) -> dict:
-    chunks = [c.module if hasattr(c, "module") else c for c in chunks]
+    chunks = [mcore.unwrap(c) for c in chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -103,11 +103,11 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, common
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    mcore.barrier()
     common = dict(common, iteration=iteration, has_masks=pmp_masks.has_masks(chunks))
     state = build_sharded_state_dict(chunks, optimizer, cfg, common, is_loading=False)
     mcore.dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    mcore.barrier()
     if dist.get_rank() == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
@@ -120,7 +120,7 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, common
                 if old != 0:  # W0 (the rewind point) is kept
                     shutil.rmtree(iter_dir(root, old), ignore_errors=True)
         logger.info("saved checkpoint %s", final)
-    dist.barrier()
+    mcore.barrier()
     return final
 
 
@@ -164,7 +164,7 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg) -> dic
         raise CheckpointError(f"could not load checkpoint {folder}: {e}") from e
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
-        (chunk.module if hasattr(chunk, "module") else chunk).load_state_dict(loaded[key], strict=True)
+        mcore.unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if template is not None:

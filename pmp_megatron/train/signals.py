@@ -10,6 +10,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from pmp_megatron import mcore
+
 logger = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 42
@@ -43,8 +45,6 @@ def install() -> None:
 def stop_agreed() -> bool:
     """True on every rank if any rank received a preemption signal (one all-reduce)."""
     flag = torch.tensor([1 if _requested else 0], dtype=torch.int32)
-    if torch.cuda.is_available():
-        flag = flag.cuda()
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        mcore.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

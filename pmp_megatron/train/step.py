@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config
@@ -87,6 +86,6 @@ def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward
     total = torch.zeros(2, dtype=torch.float64)
     for item in reduced or []:
         total += item["lm loss"].double().cpu()
-    dist.all_reduce(total, group=mcore.pp_group())
-    dist.all_reduce(total, group=mcore.dp_group())
+    mcore.all_reduce(total, group=mcore.pp_group())
+    mcore.all_reduce(total, group=mcore.dp_group())
     return (total[0] / total[1]).item()

@@ -209,11 +209,9 @@ class Trainer:
             self._tb.flush()
 
     def _num_params(self, model) -> int:
-        import torch.distributed as dist
-
         n = torch.tensor([sum(i.numel() for _, i in shard_infos(model, self.cfg.model.vocab_size).values()
                               if i.counted)], dtype=torch.float64)
-        dist.all_reduce(n, group=mcore.model_parallel_group())
+        mcore.all_reduce(n, group=mcore.model_parallel_group())
         return int(n.item())
 
 
