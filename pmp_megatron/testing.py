@@ -101,15 +101,21 @@ def synthetic_batches(cfg, num_microbatches: int, micro_batch_size: int, seed: i
 
 def init_debug_model(overrides=(), world_size: int | None = None):
     """In a spawned worker: init megatron's groups for the debug config and build its chunks at W0."""
-    from pmp_megatron import mcore
     from pmp_megatron.model.gpt import build_model
 
-    cfg = debug_config(overrides, world_size)
-    mcore.init_distributed()
-    p = cfg.parallel
-    mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              p.virtual_pipeline_model_parallel_size, cfg.model.seed)
+    cfg = init_debug_parallel(overrides, world_size)
     return cfg, build_model(cfg)
+
+
+def init_debug_parallel(overrides=(), world_size: int | None = None):
+    """In a spawned worker: the debug config with ``overrides``, and megatron's groups for its layout."""
+    from pmp_megatron import mcore
+
+    cfg = debug_config(overrides, world_size)
+    p = cfg.parallel
+    mcore.setup_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                         p.virtual_pipeline_model_parallel_size, rng_seed=cfg.train.seed)
+    return cfg
 
 
 def attach_random_masks(chunks, cfg, density: float, seed: int = 7) -> None:

@@ -4,25 +4,27 @@ One invocation, everything measured in the same run on ``--tp`` gloo processes (
 .spawn``, TP = ``--tp``, DP = PP = 1), per model size (``--sizes``: ``debug`` = configs/model/debug.yaml
 with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base config):
 
-- **Stage-II step, PMP vs dense.** Two models built from the same W0 in the same processes: a dense one
-  and a PMP one (masks from a real Stage-I selection at ``--rho``, ``MaskedUpdate`` with
-  ``--complement``). One step is the trainer loop's body: zero the grad buffers, ``forward_backward`` over
-  the microbatches, ``optimizer.step`` (clipping inside), ``scheduler.step`` and, for PMP, the gradient
-  masking inside ``finalize_model_grads`` plus ``after_step``. The two variants run in alternating blocks
-  of ``--block`` steps (ABBA order) after ``--warmup`` steps each, so machine noise hits both equally;
-  each step starts after a barrier and the slower rank counts. Medians are reported, of wall-clock time
-  (the headline) and of process CPU time (less sensitive to other jobs on a shared machine).
-- **Full Trainer step.** ``Trainer._loop`` itself, driven with synthetic batches (no checkpoints, no
-  eval), for both variants with the same models, again in alternating blocks. Iterations are delimited
-  by the end of the loop's setup (``_num_params``, answered from a cached count) and the end of each
-  iteration (``signals.stop_agreed``, wrapped), so one timed iteration is exactly one pass of the loop:
-  the step, the record, the (rare) log line and the preemption check.
-- **Where the PMP overhead goes.** ``MaskedUpdate.mask_grads`` and ``MaskedUpdate.after_step`` are timed
-  separately on every PMP step; each Stage-II step is also split by call (zero, forward-backward,
-  optimizer step, scheduler step, after_step), and one ``optimizer.step`` per variant is profiled op by
-  op at the end (the three ops with the largest PMP-dense difference are printed). On CPU, for example,
-  ``aten::sqrt`` is several times slower on exact zeros, and the masked complement's Adam second moments
-  are exactly zero.
+- **Stage-II step, PMP vs dense.** Two trainer states (``Trainer.build``) from the same W0 in the same
+  processes: a dense one and a PMP one (masks from a real Stage-I selection at ``--rho``, passed to
+  ``build(masks=...)``; ``MaskedUpdate`` with ``--complement``). One step is the Trainer loop's body:
+  ``train_step`` (zero the gradients, ``forward_backward`` over the microbatches, ``optimizer.step`` with
+  clipping inside), ``scheduler.step`` and, for PMP, the gradient masking inside ``finalize_model_grads``
+  plus ``after_step``. The two variants run in alternating blocks of ``--block`` steps (ABBA order) after
+  ``--warmup`` steps each, so machine noise hits both equally; each step starts after a barrier and the
+  slower rank counts. Medians are reported, of wall-clock time (the headline) and of process CPU time
+  (less sensitive to other jobs on a shared machine).
+- **Full Trainer step.** ``Trainer.train`` itself, fed synthetic batches through its batch source (no
+  checkpoints, no eval), for both variants with the same states, again in alternating blocks. Its
+  ``on_step`` callback stamps the end of each iteration, so one timed iteration is exactly one pass of
+  the loop: the step, the record, the (rare) log line and the preemption check. Each block runs one
+  untimed iteration first (it also counts the parameters and opens the batch stream).
+- **Where the PMP overhead goes.** ``MaskedUpdate.after_step`` is timed on every PMP step, and
+  ``MaskedUpdate.mask_grads`` by running it once more after each PMP step (idempotent: the gradients are
+  masked already); each Stage-II step is also split by call (zero + forward-backward, optimizer step,
+  scheduler step, after_step), and one ``optimizer.step`` per variant is profiled op by op at the end
+  (the three ops with the largest PMP-dense difference are printed). On CPU, for example, ``aten::sqrt``
+  is several times slower on exact zeros, and the masked complement's Adam second moments are exactly
+  zero.
 - **Mask storage.** Bytes of ``param.pmp_mask`` per local parameter (summed over ranks), and in bits.
 - **Selection vs backward.** ``global_topk_masks`` over the ``main_grad`` right after a forward-backward
   (the Stage-I selection at ``--rho``) against that forward-backward's time (forward + backward +
@@ -40,7 +42,6 @@ Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -60,7 +61,7 @@ SIZES = {
 }
 VARIANTS = ("dense", "pmp")
 # The calls of one Stage-II step, in order (after_step: PMP only, nothing for dense).
-PARTS = ("zero grad buffers", "forward_backward (PMP: + mask_grads)", "optimizer.step (clip inside)",
+PARTS = ("zero + fwd_bwd (PMP: + mask_grads)", "optimizer.step (clip inside)",
          "scheduler.step", "after_step")
 _T0 = time.time()
 
@@ -98,63 +99,62 @@ def _interleave(run_block, steps: int, warmup: int, block: int) -> dict[str, lis
 
 def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: str, steps: int,
             warmup: int, block: int, select_steps: int, t0: float) -> dict:
-    """One rank: build the dense and the PMP model, run every measurement, return the raw times."""
+    """One rank: build the dense and the PMP trainer state, run every measurement, return the raw times."""
     global _T0
     _T0 = t0  # progress lines count from the parent's start
+    import itertools
+
     import torch
     import torch.distributed as dist
 
     from pmp_megatron import mcore
-    from pmp_megatron.model.gpt import build_model
     from pmp_megatron.model.params import shard_infos
     from pmp_megatron.pmp import masks as pmp_masks
     from pmp_megatron.pmp.select import global_topk_masks
-    from pmp_megatron.pmp.update import MaskedUpdate
-    from pmp_megatron.testing import debug_config, init_debug_model, synthetic_batches
-    from pmp_megatron.train import signals
-    from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
-    from pmp_megatron.train.step import forward_backward, wrap_ddp
+    from pmp_megatron.testing import debug_config, init_debug_parallel, synthetic_batches
+    from pmp_megatron.train.step import forward_backward, train_step, zero_grads
     from pmp_megatron.train.trainer import Trainer
 
     world = tp
     base = [*overrides, f"parallel.tensor_model_parallel_size={tp}"]
-    cfg_dense, dense_chunks = init_debug_model(base, world)
-    cfg_pmp = debug_config([*base, "pmp.mode=pmp", f"pmp.rho={rho}", f"pmp.complement={complement}"],
-                           world).validate(world)
+    cfgs = {"dense": init_debug_parallel(base, world),
+            "pmp": debug_config([*base, "pmp.mode=pmp", f"pmp.rho={rho}", f"pmp.complement={complement}"],
+                                world).validate(world)}
+    for cfg in cfgs.values():
+        cfg.train.train_steps = 10**6  # the LR schedule's horizon: far beyond any step of this run
+        cfg.train.eval_interval = 0
+        cfg.logging.log_interval = 10**9
+        cfg.checkpoint.dir = None
 
     def log(msg):
         if dist.get_rank() == 0:
             _log(f"{name}: {msg}")
 
+    cfg_dense = cfgs["dense"]
     vocab = cfg_dense.model.vocab_size
-    infos = shard_infos(dense_chunks, vocab)
-    n_params = torch.tensor([sum(i.numel() for _, i in infos.values() if i.counted)], dtype=torch.float64)
-    dist.all_reduce(n_params, group=mcore.model_parallel_group())
-    n_params = int(n_params.item())
     num_micro, mbs = cfg_dense.num_microbatches(world), cfg_dense.train.micro_batch_size
     batches = synthetic_batches(cfg_dense, num_micro * mcore.dp_size(), mbs, seed=0)
     batches = batches[mcore.dp_rank()::mcore.dp_size()]
+
+    def same_batches(split, consumed):
+        return itertools.repeat(batches)
+
+    trainers = {v: Trainer(cfg, batches=same_batches) for v, cfg in cfgs.items()}
+    dense = trainers["dense"].build()
+    infos = shard_infos(dense.model, vocab)
+    n_params = torch.tensor([sum(i.numel() for _, i in infos.values() if i.counted)], dtype=torch.float64)
+    n_params = int(mcore.all_reduce(n_params, group=mcore.model_parallel_group()).item())
     log(f"{n_params:,} parameters, {num_micro} microbatches of {mbs}x{cfg_dense.model.seq_length} tokens")
 
-    horizon = 10**6  # scheduler length: far beyond any step of this run
-    dense_model = wrap_ddp(dense_chunks, cfg_dense)
-    dense_opt = build_optimizer(dense_model, cfg_dense)
-    dense_sched = build_scheduler(dense_opt, cfg_dense, train_steps=horizon)
-
-    def zero(model, opt):
-        for m in model:
-            m.zero_grad_buffer()
-        opt.zero_grad()
-
-    # --- Stage-I selection vs forward-backward, on the dense model (plain all-reduce, as in Stage I).
+    # --- Stage-I selection vs forward-backward, on the dense model at W0 (no optimizer step).
     log(f"Stage-I selection vs forward-backward ({warmup} warmup + {select_steps} timed)")
     sel_t, fb_t = [], []
     masks = None
     for i in range(warmup + select_steps):
-        zero(dense_model, dense_opt)
-        dist.barrier()
+        zero_grads(dense.model, dense.optimizer)
+        mcore.barrier()
         t0 = time.perf_counter()
-        forward_backward(dense_model, batches, cfg_dense)
+        forward_backward(dense.model, batches, cfg_dense)
         t1 = time.perf_counter()
         masks, _ = global_topk_masks({n: (p.main_grad, inf) for n, (p, inf) in infos.items()}, rho)
         t2 = time.perf_counter()
@@ -162,123 +162,72 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
             fb_t.append(t1 - t0)
             sel_t.append(t2 - t1)
 
-    # --- The PMP model: the same W0 (a fresh build from the seed), masks from the selection above.
-    pmp_chunks = build_model(cfg_pmp)
-    pmp_masks.attach(pmp_chunks, vocab, masks)
-    pmp_model = wrap_ddp(pmp_chunks, cfg_pmp)
-    pmp_opt = build_optimizer(pmp_model, cfg_pmp)
-    pmp_sched = build_scheduler(pmp_opt, cfg_pmp, train_steps=horizon)
-    rule = MaskedUpdate(pmp_model, pmp_opt, cfg_pmp)
-    local = [p for c in pmp_chunks for p in c.parameters()]
+    # --- The PMP state: the same W0 (a fresh build from the seed), masks from the selection above.
+    pmp = trainers["pmp"].build(masks=masks)
+    states = {"dense": dense, "pmp": pmp}
+    local = [p for c in pmp.model for p in mcore.unwrap(c).parameters()]
     storage = dict(
         mask_bytes=sum(p.pmp_mask.element_size() * p.pmp_mask.numel() for p in local),
-        extra_bytes=sum(v.element_size() * v.numel() for v in rule.frozen_values or []),
+        extra_bytes=sum(v.element_size() * v.numel() for v in pmp.rule.frozen_values or []),
         local_params=sum(p.numel() for p in local),
     )
-    density = pmp_masks.density(pmp_chunks, vocab)
+    density = pmp_masks.density(pmp.model, vocab)
 
-    # Time the two PMP hooks separately (the finalize wrapper looks ``mask_grads`` up on the instance).
-    hook_t: dict[str, list[float]] = {"mask_grads": [], "after_step": []}
-    inner_mask, inner_after = rule.mask_grads, rule.after_step
-
-    def timed_mask_grads():
-        t0 = time.perf_counter()
-        inner_mask()
-        hook_t["mask_grads"].append(time.perf_counter() - t0)
-
-    def timed_after_step(step):
-        t0 = time.perf_counter()
-        out = inner_after(step)
-        hook_t["after_step"].append(time.perf_counter() - t0)
-        return out
-
-    rule.mask_grads, rule.after_step = timed_mask_grads, timed_after_step
-
-    setups = {"dense": (dense_model, dense_opt, dense_sched, None, cfg_dense),
-              "pmp": (pmp_model, pmp_opt, pmp_sched, rule, cfg_pmp)}
-    iteration = {v: 0 for v in VARIANTS}
-
-    # --- Stage-II step: the trainer loop's body (the same calls as Trainer._loop), called directly.
-    # Each step is also split into its calls (PARTS), to see where a difference comes from.
+    # --- Stage-II step: the Trainer loop's body (train_step, scheduler.step, after_step), called here so
+    # each step can also be split into its calls (PARTS), to see where a difference comes from. The
+    # gradient mask runs inside finalize_model_grads (in forward_backward); it is timed on its own by
+    # running it once more after each PMP step (idempotent: the gradients are masked already).
     parts: dict[str, dict[str, list]] = {v: {k: [] for k in PARTS} for v in VARIANTS}
+    mask_t: list[float] = []
+    stamps: list[tuple[float, float]] = []
+
+    def stamp():
+        stamps.append(_clock())
 
     def stage2_block(variant, n):
-        model, opt, sched, upd, cfg = setups[variant]
+        state, cfg = states[variant], cfgs[variant]
         out = []
         for _ in range(n):
-            dist.barrier()
-            t = [_clock()]
-            zero(model, opt)
-            t.append(_clock())
-            forward_backward(model, batches, cfg)
-            t.append(_clock())
-            opt.step()
-            t.append(_clock())
-            sched.step(1)
-            t.append(_clock())
-            iteration[variant] += 1
-            if upd is not None:
-                upd.after_step(iteration[variant])
-            t.append(_clock())
-            out.append(_since(t[0], t[-1]))
-            for k, a, b in zip(PARTS, t, t[1:], strict=False):
+            mcore.barrier()
+            stamps.clear()
+            stamp()
+            train_step(state.model, state.optimizer, batches, cfg, after_backward=stamp)
+            stamp()
+            state.scheduler.step(1)
+            stamp()
+            state.iteration += 1
+            if state.rule is not None:
+                state.rule.after_step(state.iteration)
+            stamp()
+            out.append(_since(stamps[0], stamps[-1]))
+            for k, a, b in zip(PARTS, stamps, stamps[1:], strict=False):
                 parts[variant][k].append(_since(a, b))
+            if state.rule is not None:
+                t0 = time.perf_counter()
+                state.rule.mask_grads()
+                mask_t.append(time.perf_counter() - t0)
         return out
 
     log(f"Stage-II step, dense vs PMP ({warmup} warmup + {steps} timed each, blocks of {block})")
     stage2 = _interleave(stage2_block, steps, warmup, block)
-    hooks = {k: v[-steps:] for k, v in hook_t.items()}
+    hooks = {"mask_grads": mask_t[-steps:],
+             "after_step": [wall for wall, _ in parts["pmp"]["after_step"][-steps:]]}
     parts = {v: {k: ts[-steps:] for k, ts in by_part.items()} for v, by_part in parts.items()}
 
-    # --- The full Trainer loop (Trainer._loop), the same models, synthetic data, no checkpoints or eval.
-    def microbatches(dataset, consumed):
-        while True:
-            yield batches
-
-    trainers = {}
-    for variant, (_, _, _, _, cfg) in setups.items():
-        tcfg = copy.deepcopy(cfg)
-        tcfg.train.eval_interval = 0
-        tcfg.logging.log_interval = 10**9
-        tcfg.checkpoint.dir = None
-        tr = Trainer(tcfg)
-        tr.world, tr.rank, tr.num_micro, tr.train_ds = world, dist.get_rank(), num_micro, None
-        tr._microbatches = microbatches
-        trainers[variant] = tr
-
-    # Iteration boundaries: the loop's setup ends with ``_num_params`` (answered from the count above,
-    # stamped) and each iteration ends with ``signals.stop_agreed()`` (wrapped: stamped after it), so the
-    # differences of consecutive stamps are exactly the loop's iterations.
-    stamps: list[tuple[float, float]] = []
-    real_stop = signals.stop_agreed
-
-    def stop_and_stamp():
-        out = real_stop()
-        stamps.append(_clock())
-        return out
-
-    def count_and_stamp(model):
-        stamps.append(_clock())
-        return n_params
-
+    # --- The Trainer's own loop (Trainer.train), the same states, synthetic data, no checkpoints or eval.
+    # ``on_step`` stamps the end of every iteration; a block runs one iteration more than it times, so
+    # the first (which also counts the parameters and opens the batch stream) is only a start mark.
     def trainer_block(variant, n):
-        model, opt, sched, upd, _ = setups[variant]
-        tr = trainers[variant]
-        tr._num_params = count_and_stamp
-        tr.cfg.train.train_steps = iteration[variant] + n
-        stamps.clear()
-        signals.stop_agreed = stop_and_stamp
-        try:
-            dist.barrier()
-            tr._loop(model, opt, sched, upd, iteration[variant])
-        finally:
-            signals.stop_agreed = real_stop
-        iteration[variant] += n
-        assert len(stamps) == n + 1, (len(stamps), n)
-        return [_since(a, b) for a, b in zip(stamps, stamps[1:], strict=False)]
+        state = states[variant]
+        ends: list[tuple[float, float]] = []
+        mcore.barrier()
+        trainers[variant].train(state, steps=state.iteration + n + 1,
+                                on_step=lambda record: ends.append(_clock()))
+        assert len(ends) == n + 1, (len(ends), n)
+        return [_since(a, b) for a, b in zip(ends, ends[1:], strict=False)]
 
     # No separate warmup: the models are warm from the Stage-II steps above.
-    log(f"Trainer._loop, dense vs PMP ({steps} timed each, blocks of {block})")
+    log(f"Trainer.train, dense vs PMP ({steps} timed each, blocks of {block})")
     trainer = _interleave(trainer_block, steps, 0, block)
 
     # --- One profiled optimizer.step per variant (op-level self CPU time), to attribute a difference in
@@ -286,10 +235,10 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
     log("profiling one optimizer.step per variant")
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" error line on CPU
     opt_ops = {}
-    for variant, (_, opt, _, _, _) in setups.items():
-        dist.barrier()
+    for variant, state in states.items():
+        mcore.barrier()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            opt.step()
+            state.optimizer.step()
         opt_ops[variant] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     log("measurements done")
 
@@ -378,7 +327,7 @@ def print_table(results: list[dict], args) -> None:
         print(f"{'measurement':<{w}}{'dense ms':>10}{'PMP ms':>10}{'PMP/dense':>11}{'95% interval':>16}"
               "   IQR dense | PMP")
         for kind, label in (("stage2", "Stage-II step (= trainer loop body)"),
-                            ("trainer", "Trainer._loop iteration")):
+                            ("trainer", "Trainer.train iteration")):
             for clock, clock_label in (("wall", "wall"), ("cpu", "CPU time")):
                 d, p = r[f"{kind}_dense_{clock}"], r[f"{kind}_pmp_{clock}"]
                 lo, hi = r[f"{kind}_ci_{clock}"]
@@ -387,7 +336,7 @@ def print_table(results: list[dict], args) -> None:
                       f"{_iqr_ms(d)} | {_iqr_ms(p)}")
         pmp_step = _median_ms(r["stage2_pmp_wall"])
         mg, af = _median_ms(r["mask_grads"]), _median_ms(r["after_step"])
-        for hook, t in (("mask_grads (in finalize_model_grads)", mg), ("after_step", af)):
+        for hook, t in (("mask_grads (timed alone)", mg), ("after_step", af)):
             print(f"{'  PMP hook ' + hook:<{w}}{'':>10}{t:>10.3f}{t / pmp_step:>11.2%}   of the PMP step")
         delta = pmp_step - _median_ms(r["stage2_dense_wall"])
         lo, hi = r["stage2_ci_wall"]
@@ -419,7 +368,7 @@ def print_table(results: list[dict], args) -> None:
             print(f"{'frozen-complement copy (MaskedUpdate)':<{w}}{'':>20}   "
                   f"{r['extra_bytes_per_param']:.4f} bytes/param")
     print()
-    print("The Stage-II step is the Trainer loop body (the same calls); the Trainer._loop rows run the "
+    print("The Stage-II step is the Trainer loop body (the same calls); the Trainer.train rows run the "
           "Trainer's own loop. step_ratio below = Stage-II wall-clock PMP/dense.")
 
 

@@ -76,7 +76,8 @@ def transformer_config(cfg: Config) -> mcore.TransformerConfig:
 def build_model(cfg: Config) -> list[mcore.GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised to W0.
 
-    Needs ``mcore.init_model_parallel`` first. Chunks are on ``mcore.device()``, unwrapped (no DDP).
+    Needs megatron's groups first (``mcore.setup_parallel``). Chunks are on ``mcore.device()``, unwrapped
+    (no DDP).
     """
     tcfg = transformer_config(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size

@@ -1,12 +1,15 @@
-"""One training step on megatron-core: DDP wrapping, the forward step / loss, and forward-backward through
-megatron's pipeline schedules (no pipelining, 1F1B, or interleaved), shared by the Trainer, Stage I
-discovery, the benchmarks and the parity tests.
+"""One training step on megatron-core: DDP wrapping, the forward step / loss, forward-backward through
+megatron's pipeline schedules (no pipelining, 1F1B, or interleaved), and ``train_step`` (zero the
+gradients, forward-backward, optimizer step), shared by the Trainer, Stage I discovery, the benchmarks
+and the parity tests.
 
 A batch is a dict of ``tokens``, ``labels``, ``loss_mask`` and ``position_ids``, each ``[b, s]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -89,3 +92,33 @@ def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward
     mcore.all_reduce(total, group=mcore.pp_group())
     mcore.all_reduce(total, group=mcore.dp_group())
     return (total[0] / total[1]).item()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ``train_step`` did (identical on every rank)."""
+
+    loss: float  # mean token loss over the global batch
+    ok: bool  # False when the optimizer skipped the step (fp16 loss-scale overflow)
+    grad_norm: float | None  # gradient norm before clipping (None or 0.0 without clipping or when skipped)
+
+
+def zero_grads(model: list, optimizer) -> None:
+    """Zero the DDP gradient buffers (``main_grad``) of every chunk and the optimizer's gradients."""
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def train_step(model: list, optimizer, microbatches: list[dict], cfg: Config,
+               after_backward: Callable[[], None] | None = None) -> StepResult:
+    """One optimizer step over ``microbatches`` (this DP rank's share of the global batch): zero the
+    gradients, forward-backward (gradients reduced into ``main_grad``), then ``optimizer.step`` (clipping
+    inside). ``after_backward`` runs between the two, when the reduced gradients are complete (Stage I
+    ranks them there). The LR schedule and the PMP complement policy are the caller's."""
+    zero_grads(model, optimizer)
+    loss = forward_backward(model, microbatches, cfg)
+    if after_backward is not None:
+        after_backward()
+    ok, grad_norm, _ = optimizer.step()
+    return StepResult(loss=loss, ok=ok, grad_norm=grad_norm)

@@ -1,17 +1,22 @@
 """The Trainer: PMP pretraining (Stage I discover -> rewind -> Stage II masked) or the dense baseline on
 megatron-core, resumable after any interruption and at another TP/PP/DP layout.
 
-``Trainer(cfg).run()`` under torchrun or srun:
+``Trainer(cfg).run()`` under torchrun or srun is ``setup()``, ``build()``, ``train(state)``:
 
-1. distributed setup (gloo on CPU with the shim, NCCL on GPUs) and megatron's TP/PP/DP groups;
-2. data: the tokenizer and GPTDataset splits/blends of ``data.data_path``;
-3. resume from the newest valid checkpoint in ``checkpoint.dir``, or start: in PMP mode run Stage I
-   (``pmp.discovery``) and rewind to W0; iteration 0 (W0 + masks) is saved in PMP mode and, with
+1. ``setup``: distributed setup (gloo on CPU with the shim, NCCL on GPUs) and megatron's TP/PP/DP groups;
+   data: the tokenizer and GPTDataset splits/blends of ``data.data_path``;
+2. ``build``: resume from the newest valid checkpoint in ``checkpoint.dir``, or start: in PMP mode run
+   Stage I (``train.discovery``) and rewind to W0; iteration 0 (W0 + masks) is saved in PMP mode and, with
    ``checkpoint.save_init``, in dense mode. Stage I reads the first batches of the training stream and
    Stage II starts that stream again from its beginning: the rewind resets the data as well as W0;
-4. the loop: forward-backward through megatron's schedules, the PMP update rule around the optimizer step,
-   LR schedule, periodic eval, logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA;
-   ``metrics.jsonl`` and optional tensorboard), checkpoints, and preemption (save, exit 42).
+3. ``train``: the loop: ``train.step.train_step`` (forward-backward through megatron's schedules, the PMP
+   gradient mask inside it, the optimizer step), LR schedule, the PMP complement policy, periodic eval,
+   logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA; ``metrics.jsonl`` and optional
+   tensorboard), checkpoints, and preemption (save, exit 42).
+
+Benchmarks and tests drive the same pieces: a batch source given to the constructor replaces the datasets,
+``build(masks=...)`` skips Stage I, and ``train(state, steps, on_step=...)`` runs a given number of steps
+and reports each one.
 """
 
 from __future__ import annotations
@@ -20,49 +25,74 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config, config_to_dict, save_config
 from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import masks as pmp_masks
-from pmp_megatron.pmp.discovery import discover
 from pmp_megatron.pmp.update import MaskedUpdate
 from pmp_megatron.train import checkpoint, signals
+from pmp_megatron.train.discovery import discover
 from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
-from pmp_megatron.train.step import forward_backward, wrap_ddp
+from pmp_megatron.train.step import forward_backward, train_step, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
+# (split, consumed samples) -> this DP rank's microbatches, one list per global step, from that position.
+# ``split`` is "train" or "valid". The default reads the datasets of ``data.data_path``.
+BatchSource = Callable[[str, int], Iterator[list[dict]]]
+
+
+@dataclass
+class TrainState:
+    """What the loop trains, and how far it has got."""
+
+    model: list  # this rank's DDP-wrapped model chunks
+    optimizer: Any  # megatron optimizer over ``model``
+    scheduler: Any  # LR / weight-decay schedule of ``optimizer``
+    rule: MaskedUpdate | None  # the PMP update rule; None in dense mode
+    iteration: int = 0  # optimizer steps taken
+
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, batches: BatchSource | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        self._source = batches
         self._tb = None
-        if cfg.checkpoint.async_save:
-            raise ValueError("checkpoint.async_save is not supported yet: saves are synchronous")
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        import torch.distributed as dist
-
-        mcore.init_distributed()
-        self.world = dist.get_world_size()
-        self.rank = dist.get_rank()
+        """Process and run setup: torch.distributed and megatron's groups (the RNG tracker seeded with
+        ``train.seed``), the preemption handlers, the run dir with the resolved ``config.yaml``, and the
+        datasets unless a batch source was given."""
+        mcore.init_distributed()  # first on its own: the config is validated against the world size
         self.cfg.validate(self.world)
         p = self.cfg.parallel
-        mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  p.virtual_pipeline_model_parallel_size, self.cfg.model.seed)
-        self.num_micro = self.cfg.num_microbatches(self.world)
+        mcore.setup_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                             p.virtual_pipeline_model_parallel_size, rng_seed=self.cfg.train.seed)
         signals.install()
         if self.rank == 0 and self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self._build_data()
+        if self._source is None:
+            self._build_data()
 
     def _build_data(self) -> None:
         from pmp_megatron.data.datasets import build_datasets
@@ -85,108 +115,127 @@ class Trainer:
             (steps * gbs, max(num_evals * t.eval_steps * gbs, gbs), 0),
             t.seed, tokenizer, d.cache_dir)
 
-    def _microbatches(self, dataset, consumed: int):
-        """Yield this DP rank's list of microbatches per global step, starting at ``consumed`` samples."""
+    def batches(self, split: str, consumed: int) -> Iterator[list[dict]]:
+        """This DP rank's list of microbatches per global step of ``split`` ("train" or "valid"), starting
+        at ``consumed`` samples: from the batch source if one was given, else from the datasets."""
+        if self._source is not None:
+            return self._source(split, consumed)
+        return self._dataset_batches(self.train_ds if split == "train" else self.valid_ds, consumed)
+
+    def _dataset_batches(self, dataset, consumed: int) -> Iterator[list[dict]]:
         from pmp_megatron.data.datasets import build_dataloader
 
         loader = build_dataloader(dataset, self.cfg.train.micro_batch_size, mcore.dp_rank(), mcore.dp_size(),
-                                  consumed_samples=consumed)
+                                  consumed_samples=consumed, num_workers=self.cfg.data.num_workers)
+        num_micro = self.cfg.num_microbatches(self.world)
         it = iter(loader)
         while True:
-            yield [next(it) for _ in range(self.num_micro)]
+            yield [next(it) for _ in range(num_micro)]
 
-    # ---------------------------------------------------------------- run
-    def run(self) -> int:
-        """Train to ``train.train_steps``; return the process exit code (0, or 42 after preemption)."""
-        self.setup()
+    # ---------------------------------------------------------------- build
+    def build(self, masks: dict[str, torch.Tensor] | None = None) -> TrainState:
+        """The state training starts from: the newest valid checkpoint in ``checkpoint.dir`` if there is
+        one; else W0 with, in PMP mode, the masks of Stage I, or ``masks`` (this rank's local mask per
+        canonical parameter name) instead of running Stage I. A fresh start saves iteration 0 in PMP mode
+        and, with ``checkpoint.save_init``, in dense mode. Needs megatron's parallel groups (``setup``)."""
         cfg = self.cfg
         root = self.run_dir
         start = checkpoint.latest_valid(root) if root else None
-        masks = None
-        if start is None and cfg.pmp.mode == "pmp":
-            batches = self._microbatches(self.train_ds, 0)
+        fresh_pmp = start is None and cfg.pmp.mode == "pmp"
+        if fresh_pmp and masks is None:
+            batches = self.batches("train", 0)
             result = discover(cfg, lambda step: next(batches))
             masks = result.masks
             self._write_metrics([dict(stage="discovery", **h) for h in result.history])
         # Stage II (or dense) from W0: the rewind is a fresh build from the seed.
         chunks = build_model(cfg)
-        if masks is not None:
+        if fresh_pmp:
             pmp_masks.attach(chunks, cfg.model.vocab_size, masks)
         model = wrap_ddp(chunks, cfg)
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
-        iteration = 0
+        state = TrainState(model, optimizer, scheduler, rule=None)
         if start is not None:
             common = checkpoint.load(root, start, model, optimizer, cfg)
             scheduler.load_state_dict(common["scheduler"])
-            iteration = common["iteration"]
+            state.iteration = common["iteration"]
             logger.info("resumed from %s", checkpoint.iter_dir(root, start))
         elif root and (cfg.pmp.mode == "pmp" or cfg.checkpoint.save_init):
-            self._save(0, model, optimizer, scheduler)
-        rule = MaskedUpdate(model, optimizer, cfg) if cfg.pmp.mode == "pmp" else None
-        if rule is not None:
+            self._save(state)
+        if cfg.pmp.mode == "pmp":
+            state.rule = MaskedUpdate(model, optimizer, cfg)
             logger.info("Stage II: PMP with %.4f of the parameters trainable (complement: %s%s)",
                         pmp_masks.density(chunks, cfg.model.vocab_size), cfg.pmp.complement,
                         ", projected" if cfg.pmp.projection else "")
-        return self._loop(model, optimizer, scheduler, rule, iteration)
+        return state
 
-    def _loop(self, model, optimizer, scheduler, rule, iteration: int) -> int:
+    # ---------------------------------------------------------------- run
+    def run(self) -> int:
+        """Train to ``train.train_steps``; return the process exit code (0, or 42 after preemption)."""
+        self.setup()
+        return self.train(self.build())
+
+    def train(self, state: TrainState, steps: int | None = None,
+              on_step: Callable[[dict], None] | None = None) -> int:
+        """Train ``state`` until iteration ``steps`` (default ``train.train_steps``). Each step writes its
+        metrics record, logs every ``logging.log_interval`` steps and at the end, evaluates, checkpoints and
+        checks for preemption, then calls ``on_step(record)``. Returns the exit code: 0, or
+        ``signals.REQUEUE_EXIT_CODE`` after a preemption (the checkpoint is saved first)."""
         cfg, t = self.cfg, self.cfg.train
+        end = t.train_steps if steps is None else steps
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
-        flops_per_step = 6 * self._num_params(model) * tokens_per_step
-        data = self._microbatches(self.train_ds, iteration * t.global_batch_size)
-        window, t_start, first = [], time.perf_counter(), iteration
-        while iteration < t.train_steps:
+        flops_per_step = 6 * self._num_params(state.model) * tokens_per_step
+        data = self.batches("train", state.iteration * t.global_batch_size)
+        window, t_start, first = [], time.perf_counter(), state.iteration
+        while state.iteration < end:
             t0 = time.perf_counter()
-            for m in model:
-                m.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = forward_backward(model, next(data), cfg)
-            ok, grad_norm, _ = optimizer.step()
-            scheduler.step(1)
-            iteration += 1
-            extra = rule.after_step(iteration) if rule is not None else {}
+            result = train_step(state.model, state.optimizer, next(data), cfg)
+            state.scheduler.step(1)
+            state.iteration += 1
+            iteration = state.iteration
+            extra = state.rule.after_step(iteration) if state.rule is not None else {}
             dt = time.perf_counter() - t0
-            window.append((loss, dt))
-            record = dict(stage="train", step=iteration, loss=loss, grad_norm=grad_norm,
-                          lr=optimizer.param_groups[0]["lr"], skipped=not ok, **extra)
-            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_steps:
+            window.append((result.loss, dt))
+            record = dict(stage="train", step=iteration, loss=result.loss, grad_norm=result.grad_norm,
+                          lr=state.optimizer.param_groups[0]["lr"], skipped=not result.ok, **extra)
+            if iteration % cfg.logging.log_interval == 0 or iteration == end:
                 mean_dt = sum(w[1] for w in window) / len(window)
-                eta = (time.perf_counter() - t_start) / (iteration - first) * (t.train_steps - iteration)
+                eta = (time.perf_counter() - t_start) / (iteration - first) * (end - iteration)
                 record.update(tokens_per_s=tokens_per_step / mean_dt,
                               tflops_per_gpu=flops_per_step / mean_dt / self.world / 1e12)
                 logger.info("step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %.0f tok/s | "
-                            "%.3f TFLOP/s/rank | mem %s | ETA %s", iteration, t.train_steps,
-                            sum(w[0] for w in window) / len(window), record["lr"], grad_norm,
+                            "%.3f TFLOP/s/rank | mem %s | ETA %s", iteration, end,
+                            sum(w[0] for w in window) / len(window), record["lr"], result.grad_norm,
                             record["tokens_per_s"], record["tflops_per_gpu"], _memory(), _hms(eta))
                 window = []
             if t.eval_interval and iteration % t.eval_interval == 0:
-                record["valid_loss"] = self.evaluate(model)
+                record["valid_loss"] = self.evaluate(state.model)
                 logger.info("step %d | valid loss %.4f", iteration, record["valid_loss"])
             self._write_metrics([record])
             stop = signals.stop_agreed()
-            if self.run_dir and (stop or iteration % cfg.checkpoint.save_interval == 0
-                                 or iteration == t.train_steps):
-                self._save(iteration, model, optimizer, scheduler)
+            if self.run_dir and (stop or iteration % cfg.checkpoint.save_interval == 0 or iteration == end):
+                self._save(state)
+            if on_step is not None:
+                on_step(record)
             if stop:
                 logger.warning("preempted at step %d: checkpoint saved, exiting %d for requeue", iteration,
                                signals.REQUEUE_EXIT_CODE)
                 return signals.REQUEUE_EXIT_CODE
         return 0
 
-    def evaluate(self, model) -> float:
+    def evaluate(self, model: list) -> float:
         """Mean token loss over ``train.eval_steps`` global batches of the validation split."""
-        data = self._microbatches(self.valid_ds, 0)
+        data = self.batches("valid", 0)
         losses = [forward_backward(model, next(data), self.cfg, forward_only=True)
                   for _ in range(self.cfg.train.eval_steps)]
         return sum(losses) / len(losses)
 
     # ---------------------------------------------------------------- helpers
-    def _save(self, iteration, model, optimizer, scheduler) -> None:
-        consumed = iteration * self.cfg.train.global_batch_size
-        common = dict(scheduler=scheduler.state_dict(), config=config_to_dict(self.cfg),
+    def _save(self, state: TrainState) -> None:
+        consumed = state.iteration * self.cfg.train.global_batch_size
+        common = dict(scheduler=state.scheduler.state_dict(), config=config_to_dict(self.cfg),
                       consumed_samples=consumed, pmp_mode=self.cfg.pmp.mode)
-        checkpoint.save(self.run_dir, iteration, model, optimizer, self.cfg, common,
+        checkpoint.save(self.run_dir, state.iteration, state.model, state.optimizer, self.cfg, common,
                         self.cfg.checkpoint.keep_last)
 
     def _write_metrics(self, records: list[dict]) -> None:

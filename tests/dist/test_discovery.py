@@ -13,8 +13,8 @@ def _discover(overrides, world, extra=(), fixed_batch=False):
     from pmp_megatron import mcore
     from pmp_megatron.model.gpt import build_model
     from pmp_megatron.model.params import gather_full, shard_infos
-    from pmp_megatron.pmp.discovery import discover
     from pmp_megatron.testing import init_debug_model, synthetic_batches
+    from pmp_megatron.train.discovery import discover
 
     cfg, w0_chunks = init_debug_model(["pmp.mode=pmp", f"pmp.rho={RHO}", "pmp.discovery.max_steps=3",
                                        "pmp.discovery.lr=1e-3", *extra, *overrides], world)

@@ -16,14 +16,10 @@ def _grads(overrides, world_size):
     from pmp_megatron import mcore
     from pmp_megatron.model.gpt import build_model
     from pmp_megatron.model.params import gather_full, shard_infos
-    from pmp_megatron.testing import debug_config, synthetic_batches
+    from pmp_megatron.testing import init_debug_parallel, synthetic_batches
     from pmp_megatron.train.step import forward_backward, wrap_ddp
 
-    cfg = debug_config(overrides, world_size)
-    mcore.init_distributed()
-    p = cfg.parallel
-    mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              p.virtual_pipeline_model_parallel_size, cfg.model.seed)
+    cfg = init_debug_parallel(overrides, world_size)
     chunks = build_model(cfg)
     model = wrap_ddp(chunks, cfg)
     batches = synthetic_batches(cfg, NUM_MICRO, MICRO_BATCH)
@@ -74,27 +70,20 @@ def _train(overrides, world_size, steps):
     from pmp_megatron import mcore
     from pmp_megatron.model.gpt import build_model
     from pmp_megatron.model.params import gather_full, shard_infos
-    from pmp_megatron.testing import debug_config, synthetic_batches
+    from pmp_megatron.testing import init_debug_parallel, synthetic_batches
     from pmp_megatron.train.optimizer import build_optimizer
-    from pmp_megatron.train.step import forward_backward, wrap_ddp
+    from pmp_megatron.train.step import train_step, wrap_ddp
 
-    cfg = debug_config(["optim.lr=1e-3", "optim.weight_decay=0.1", *overrides], world_size)
-    mcore.init_distributed()
-    p = cfg.parallel
-    mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, None, 42)
+    cfg = init_debug_parallel(["optim.lr=1e-3", "optim.weight_decay=0.1", *overrides], world_size)
     chunks = build_model(cfg)
     model = wrap_ddp(chunks, cfg)
     opt = build_optimizer(model, cfg)
     trace = []
-    for step in range(steps):
-        for m in model:
-            m.zero_grad_buffer()
-        opt.zero_grad()
+    for _ in range(steps):
         batches = synthetic_batches(cfg, NUM_MICRO, MICRO_BATCH, seed=0)
-        loss = forward_backward(model, batches[mcore.dp_rank()::mcore.dp_size()], cfg)
-        ok, grad_norm, _ = opt.step()
-        assert ok
-        trace.append((loss, grad_norm))
+        result = train_step(model, opt, batches[mcore.dp_rank()::mcore.dp_size()], cfg)
+        assert result.ok
+        trace.append((result.loss, result.grad_norm))
     infos = shard_infos(chunks, cfg.model.vocab_size)
     return trace, gather_full({n: (prm, info) for n, (prm, info) in infos.items()})
 
@@ -117,7 +106,8 @@ def test_bf16_with_megatron_mixed_precision_optimizer_matches_across_layouts():
     # bf16 params + fp32 main params (Float16OptimizerWithFloat16Params): TP=2 follows one process to
     # bf16 tolerance, and training still reduces the loss.
     ref_trace, _ = spawn(_train, 1, ["model.params_dtype=bfloat16"], 1, 3)[0]
-    trace, _ = spawn(_train, 2, ["model.params_dtype=bfloat16", "parallel.tensor_model_parallel_size=2"], 2, 3)[0]
+    tp2 = ["model.params_dtype=bfloat16", "parallel.tensor_model_parallel_size=2"]
+    trace, _ = spawn(_train, 2, tp2, 2, 3)[0]
     for (loss, _), (ref_loss, _) in zip(trace, ref_trace, strict=True):
         assert loss == pytest.approx(ref_loss, rel=2e-2)
     assert trace[-1][0] < trace[0][0]

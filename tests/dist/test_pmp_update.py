@@ -14,16 +14,16 @@ LR, WD = 1e-2, 0.1
 
 
 def _stage2(overrides, world, extra):
+    from pmp_megatron import mcore
     from pmp_megatron.model.params import gather_full, shard_infos
     from pmp_megatron.pmp.update import MaskedUpdate
     from pmp_megatron.testing import attach_random_masks, init_debug_model, synthetic_batches
     from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
-    from pmp_megatron.train.step import forward_backward, wrap_ddp
-
-    from pmp_megatron import mcore
+    from pmp_megatron.train.step import train_step, wrap_ddp
 
     cfg, chunks = init_debug_model([f"optim.lr={LR}", f"optim.weight_decay={WD}", "pmp.mode=pmp",
-                                    "pmp.rho=0.5", "optim.lr_decay_style=constant", *extra, *overrides], world)
+                                    "pmp.rho=0.5", "optim.lr_decay_style=constant", *extra, *overrides],
+                                   world)
     infos = shard_infos(chunks, cfg.model.vocab_size)
     w0 = gather_full({n: (p, i) for n, (p, i) in infos.items()})
     model = wrap_ddp(chunks, cfg)
@@ -33,15 +33,11 @@ def _stage2(overrides, world, extra):
     rule = MaskedUpdate(chunks, opt, cfg)
     trace, stats = [], []
     for step in range(1, STEPS + 1):
-        for m in model:
-            m.zero_grad_buffer()
-        opt.zero_grad()
         batches = synthetic_batches(cfg, 2, 2, seed=0)
-        loss = forward_backward(model, batches[mcore.dp_rank()::mcore.dp_size()], cfg)
-        ok, norm, _ = opt.step()
+        result = train_step(model, opt, batches[mcore.dp_rank()::mcore.dp_size()], cfg)
         sched.step(1)
         stats.append(rule.after_step(step))
-        trace.append((loss, norm))
+        trace.append((result.loss, result.grad_norm))
     weights = gather_full({n: (p, i) for n, (p, i) in infos.items()})
     masks = gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()})
     return w0, weights, masks, trace, stats
@@ -105,7 +101,8 @@ def _bf16_distopt_frozen():
     from pmp_megatron.train.step import wrap_ddp
 
     cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen",
-                                    "model.params_dtype=bfloat16", "parallel.use_distributed_optimizer=true"], 1)
+                                    "model.params_dtype=bfloat16", "parallel.use_distributed_optimizer=true"],
+                                   1)
     model = wrap_ddp(chunks, cfg)
     attach_random_masks(chunks, cfg, density=0.5)
     try:

@@ -77,10 +77,9 @@ def _release_and_logits(config_path, overrides, world_size, out_dir, tokenizer_m
     from pmp_megatron.testing import synthetic_batches
 
     cfg = load_config(config_path, ["pmp.mode=dense", *overrides], world_size=world_size)
-    mcore.init_distributed()
     p = cfg.parallel
-    mcore.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              p.virtual_pipeline_model_parallel_size, cfg.model.seed)
+    mcore.setup_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                         p.virtual_pipeline_model_parallel_size, rng_seed=cfg.train.seed)
     chunks = build_model(cfg)
     for chunk in chunks:
         chunk.eval()

@@ -236,8 +236,7 @@ def _megatron_dp(tp, dp):
     """Megatron's own groups; ``group=None`` must pick the model-parallel group (one replica)."""
     from pmp_megatron import mcore
 
-    mcore.init_distributed()
-    mcore.init_model_parallel(tp, 1)
+    mcore.setup_parallel(tp, 1)
     cases = _select_cases(tp, 1, False, mcore.tp_rank(), 0, None)
     return cases
 

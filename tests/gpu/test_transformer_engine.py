@@ -13,18 +13,14 @@ def _losses(overrides, steps):
     from pmp_megatron import mcore
     from pmp_megatron.testing import init_debug_model, synthetic_batches
     from pmp_megatron.train.optimizer import build_optimizer
-    from pmp_megatron.train.step import forward_backward, wrap_ddp
+    from pmp_megatron.train.step import train_step, wrap_ddp
 
     cfg, chunks = init_debug_model(["optim.lr=1e-3", "model.params_dtype=bfloat16", *overrides], 1)
     model = wrap_ddp(chunks, cfg)
     opt = build_optimizer(model, cfg)
     out = []
     for _ in range(steps):
-        for m in model:
-            m.zero_grad_buffer()
-        opt.zero_grad()
-        out.append(forward_backward(model, synthetic_batches(cfg, 2, 4, seed=0), cfg))
-        opt.step()
+        out.append(train_step(model, opt, synthetic_batches(cfg, 2, 4, seed=0), cfg).loss)
     assert mcore.HAVE_TE or "transformer_engine" not in " ".join(overrides)
     return out
 

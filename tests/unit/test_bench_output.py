@@ -31,4 +31,4 @@ def test_bench_pmp_last_line():
     for value in (step_ratio, mask_bits, select_over_backward):
         assert math.isfinite(value) and value > 0
     assert mask_bits == 8.0  # bool masks: one byte per parameter, as measured on the model
-    assert "Trainer._loop" in proc.stdout and "mask_grads" in proc.stdout
+    assert "Trainer.train" in proc.stdout and "mask_grads" in proc.stdout

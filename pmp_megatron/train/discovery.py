@@ -1,11 +1,14 @@
-"""Stage I, early-bird mask discovery, and the rewind to W0.
+"""Stage I of PMP: the early-bird mask-discovery training loop, and the rewind to W0.
+
+It is a training loop (a model, an optimizer, ``train.step.train_step`` each step), so it lives in
+``train/``; the algorithm's piece it runs every step, the global exact top-k, is ``pmp.select``.
 
 From W0, train densely (AdamW, ``pmp.discovery.lr``, no weight decay, clipping at
-``pmp.discovery.clip_grad``). After each backward (gradients reduced over DP), the mask is the global
-exact top-k of |grad| over every parameter of the model (``pmp.select``), k = floor(rho * #params).
-Clipping scales all gradients by one factor, so ranking before or after it gives the same mask. Stop when
-IoU(mask_t, mask_t-1) >= ``iou_threshold`` for ``patience`` consecutive steps, or after ``max_steps``;
-the last mask is the result.
+``pmp.discovery.clip_grad``). After each backward (gradients reduced over DP), before the optimizer step,
+the mask is the global exact top-k of |grad| over every parameter of the model (``pmp.select``),
+k = floor(rho * #params); ranking before clipping gives the mask of the unclipped gradients exactly.
+Stop when IoU(mask_t, mask_t-1) >= ``iou_threshold`` for ``patience`` consecutive steps, or after
+``max_steps``; the last mask is the result.
 
 Stage I always reduces gradients with a plain all-reduce (no distributed optimizer): the ranking needs
 every rank's full reduced gradients. Stage II then REWINDS: the model is rebuilt from W0 (bit for bit,
@@ -27,7 +30,7 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp.select import global_topk_masks, iou
 from pmp_megatron.train.optimizer import build_optimizer
-from pmp_megatron.train.step import forward_backward, wrap_ddp
+from pmp_megatron.train.step import train_step, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +62,21 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]]) -> Discover
     optimizer = build_optimizer(model, scfg, lr=d.lr, weight_decay=0.0, clip_grad=d.clip_grad)
     entries = shard_infos(chunks, cfg.model.vocab_size)
     infos = {name: info for name, (_, info) in entries.items()}
+    ranked = {}
+
+    def rank_grads():
+        """After the backward, before the optimizer step: the mask of this step's reduced gradients."""
+        ranked["masks"], ranked["stats"] = global_topk_masks(
+            {n: (p.main_grad, i) for n, (p, i) in entries.items()}, rho)
+
     prev, streak, history = None, 0, []
     step = 0
     for step in range(d.max_steps):
         t0 = time.perf_counter()
-        for m in model:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = forward_backward(model, microbatches(step), scfg)
-        masks, stats = global_topk_masks({n: (p.main_grad, i) for n, (p, i) in entries.items()}, rho)
+        loss = train_step(model, optimizer, microbatches(step), scfg, after_backward=rank_grads).loss
+        masks, stats = ranked["masks"], ranked["stats"]
         overlap = iou(prev, masks, infos) if prev is not None else float("nan")
         streak = streak + 1 if prev is not None and overlap >= d.iou_threshold else 0
-        optimizer.step()
         prev = masks
         history.append(dict(step=step + 1, loss=loss, iou=overlap, threshold=stats.threshold,
                             seconds=time.perf_counter() - t0))
