@@ -16,6 +16,12 @@ Run directory layout::
 
 A dry run renders the script without touching the disk or Slurm; without an explicit run directory it
 shows ``<run-dir>`` in its place, so the output depends only on the arguments (golden-testable).
+
+Every value rendered into the script is checked first (no control characters: a newline would end the
+``#SBATCH`` block or start a shell command) and then escaped for where it lands: ``|sh`` fields are
+shell-quoted, ``|sbatch`` fields are quoted for sbatch's own ``#SBATCH`` parser (which splits on
+whitespace, honours quotes and backslashes, and ends the line at an unquoted ``#``), and ``|sbatch_pattern``
+fields also double ``%`` so that ``--output`` does not read a ``%`` of the path as a filename pattern.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.config import Config, load_config, save_config
 
 __all__ = [
     "REQUEUE_EXIT_CODE", "RUN_DIR_PLACEHOLDER", "TEMPLATE", "SlurmOptions", "Launch",
     "render_template", "render_sbatch", "resolve_config", "write_run_dir", "submit", "launch",
+    "sbatch_escape", "sbatch_pattern", "check_text", "check_run_dir",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +49,38 @@ TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
 RUN_DIR_PLACEHOLDER = "<run-dir>"
 REQUEUE_EXIT_CODE = 42  # the trainer's "checkpoint saved, requeue me" exit code
 
-_FIELD = re.compile(r"\{\{(\w+)(\|sh)?\}\}")
+_FIELD = re.compile(r"\{\{(\w+)(?:\|(\w+))?\}\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_SPECIAL = re.compile(r"""[\s'"#\\]""")
+
+
+def sbatch_escape(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line (unchanged when it holds nothing special).
+
+    sbatch splits those lines on whitespace, groups quoted text, takes a backslash as "the next character
+    is literal" and ends the line at an unquoted ``#`` (older versions: at any ``#`` not escaped). A
+    backslash does not keep a space in the argument, so such a value is double-quoted, with ``\\``,
+    ``"`` and ``#`` escaped inside the quotes.
+    """
+    if not _SBATCH_SPECIAL.search(value):
+        return value
+    return '"' + re.sub(r'([\\"#])', r"\\\1", value) + '"'
+
+
+def sbatch_pattern(value: str) -> str:
+    """``value`` as a literal part of an ``--output``/``--error`` filename pattern: ``%`` doubled."""
+    return sbatch_escape(value.replace("%", "%%"))
+
+
+_FILTERS = {"sh": shlex.quote, "sbatch": sbatch_escape, "sbatch_pattern": sbatch_pattern}
+
+
+def check_text(name: str, value: str) -> str:
+    """ValueError naming ``name`` when ``value`` holds a control character (newline, NUL, tab, ...)."""
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise ValueError(f"{name} must not contain control characters (found {bad.group()!r}): {value!r}")
+    return value
 
 
 @dataclass
@@ -83,7 +122,6 @@ class SlurmOptions:
             (self.requeue_signal_seconds >= 1,
              f"requeue_signal_seconds must be >= 1, got {self.requeue_signal_seconds}"),
             (self.chain >= 1, f"chain must be >= 1, got {self.chain}"),
-            (bool(shlex.split(self.trainer)), "trainer must be a non-empty command"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,25 +130,45 @@ class SlurmOptions:
             value = getattr(self, name)
             if value is not None and (not value or re.search(r"\s", value)):
                 raise ValueError(f"{name} must be a non-empty word without whitespace, got {value!r}")
+            if value is not None:
+                check_text(name, value)
+        if not shlex.split(check_text("trainer", self.trainer)):
+            raise ValueError("trainer must be a non-empty command")
         return self
 
 
 def render_template(template: str, fields: Mapping[str, str | None]) -> str:
-    """Fill ``{{name}}`` (verbatim) and ``{{name|sh}}`` (shell-quoted) fields.
+    """Fill ``{{name}}`` (verbatim), ``{{name|sh}}`` (shell-quoted), ``{{name|sbatch}}`` (escaped for an
+    ``#SBATCH`` line) and ``{{name|sbatch_pattern}}`` (that, with ``%`` doubled) fields.
 
-    A line with a field whose value is None is dropped, so optional ``#SBATCH`` lines disappear.
+    A line with a field whose value is None is dropped, so optional ``#SBATCH`` lines disappear. A value
+    with a control character is refused (ValueError naming the field).
     """
     lines = []
     for line in template.splitlines(keepends=True):
-        names = [m.group(1) for m in _FIELD.finditer(line)]
-        unknown = [n for n in names if n not in fields]
-        if unknown:
-            raise ValueError(f"sbatch template field '{unknown[0]}' is not one of {sorted(fields)}")
-        if any(fields[n] is None for n in names):
+        matches = list(_FIELD.finditer(line))
+        for m in matches:
+            if m.group(1) not in fields:
+                raise ValueError(f"sbatch template field '{m.group(1)}' is not one of {sorted(fields)}")
+            if m.group(2) is not None and m.group(2) not in _FILTERS:
+                raise ValueError(f"sbatch template filter '{m.group(2)}' is not one of {sorted(_FILTERS)}")
+        if any(fields[m.group(1)] is None for m in matches):
             continue
-        lines.append(_FIELD.sub(lambda m: shlex.quote(fields[m.group(1)]) if m.group(2)
-                                else str(fields[m.group(1)]), line))
+        lines.append(_FIELD.sub(lambda m: _FILTERS.get(m.group(2), str)(
+            check_text(m.group(1), str(fields[m.group(1)]))), line))
     return "".join(lines)
+
+
+def check_run_dir(run_dir: str, container_image: str | None) -> str:
+    """ValueError naming ``run_dir`` for a path the script cannot carry intact."""
+    check_text("run_dir", run_dir)
+    if "\\" in run_dir:  # in an --output pattern a backslash turns off %x/%j expansion
+        raise ValueError(f"run_dir must not contain a backslash (sbatch --output reads it as 'no patterns'): "
+                         f"{run_dir!r}")
+    if container_image is not None and re.search(r"[,:]", run_dir):
+        raise ValueError(f"run_dir must not contain ',' or ':' with container_image (it is passed to "
+                         f"--container-mounts, which splits on them): {run_dir!r}")
+    return run_dir
 
 
 def render_sbatch(options: SlurmOptions, run_dir: str | Path | None = None,
@@ -120,6 +178,10 @@ def render_sbatch(options: SlurmOptions, run_dir: str | Path | None = None,
     if options.job_name is None:
         raise ValueError("job_name is required to render the script (launch() derives one from the config)")
     text = TEMPLATE.read_text() if template is None else template
+    if run_dir is not None:
+        check_run_dir(str(run_dir), options.container_image)
+    for item in overrides:
+        check_text(f"override {item!r}", item)
     fields = {
         "job_name": options.job_name,
         "nodes": str(options.nodes),
@@ -166,13 +228,12 @@ def write_run_dir(run_dir: Path, cfg: Config, script: str) -> Path:
     (run_dir / "logs").mkdir(exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     script_path = run_dir / "pretrain.sbatch"
-    script_path.write_text(script)
-    script_path.chmod(0o755)
+    write_text_atomic(script_path, script, mode=0o755)
     sha = (_git("rev-parse", "HEAD") or "unknown").strip()
     diff = _git("diff", "HEAD") or ""
-    (run_dir / "git.txt").write_text(f"commit {sha}\ndirty {bool(diff)}\nrepo {REPO}\n")
+    write_text_atomic(run_dir / "git.txt", f"commit {sha}\ndirty {bool(diff)}\nrepo {REPO}\n")
     if diff:
-        (run_dir / "git.diff").write_text(diff)
+        write_text_atomic(run_dir / "git.diff", diff)
     return script_path
 
 
@@ -210,6 +271,8 @@ def launch(config_paths: Sequence[str | Path], options: SlurmOptions, overrides:
     options.validate()
     if run_dir is None and not dry_run:
         run_dir = Path("runs") / f"{options.job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir is not None:
+        check_run_dir(str(run_dir), options.container_image)
     run_dir = None if run_dir is None else Path(run_dir).resolve()
     cfg = resolve_config(config_paths, overrides, options.world_size, run_dir)
     script = render_sbatch(options, run_dir, overrides)

@@ -54,13 +54,13 @@ def test_golden_has_the_contract():
 def test_rendered_script_is_valid_bash():
     script = render_sbatch(SlurmOptions(nodes=2, gpus_per_node=0, ntasks_per_node=2, job_name="x",
                                         container_image="nvcr.io/nvidia/pytorch:25.01-py3"),
-                           "/runs/with space", ["model.num_layers=2", "data.corpus=it's"])
+                           "/runs/with space", ["model.num_layers=2", "data.cache_dir=it's"])
     assert "CONTAINER_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3" in script
     assert "--gpus-per-node" not in script.split("set -uo")[0]
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     assigned = subprocess.run(["bash", "-c", script.split("# Network.")[0] + 'printf "%s\\n" "$RUN_DIR" '
                                '"${OVERRIDES[@]}"'], capture_output=True, text=True, check=True).stdout
-    assert assigned.splitlines() == ["/runs/with space", "model.num_layers=2", "data.corpus=it's"]
+    assert assigned.splitlines() == ["/runs/with space", "model.num_layers=2", "data.cache_dir=it's"]
 
 
 def test_run_dir_written_without_submitting(tmp_path, monkeypatch):
