@@ -55,17 +55,12 @@ class MaskedUpdate:
     def __init__(self, chunks, optimizer, cfg):
         self.cfg = cfg
         self.optimizer = optimizer
-        self.entries = list(shard_infos(chunks, cfg.model.vocab_size).values())
-        tcfg = mcore.unwrap(chunks[0]).config
-        inner = tcfg.finalize_model_grads_func
-        assert inner is not None, "wrap the model in DDP (train.step.wrap_ddp) before MaskedUpdate"
-
-        def finalize_then_mask(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            self.mask_grads()
-            return out
-
-        tcfg.finalize_model_grads_func = finalize_then_mask
+        infos = shard_infos(chunks, cfg.model.vocab_size)
+        unmasked = [name for name, (p, _) in infos.items() if not hasattr(p, "pmp_mask")]
+        if unmasked:
+            raise ValueError(f"MaskedUpdate needs a PMP mask on every parameter (pmp.masks.attach); "
+                             f"{len(unmasked)} of {len(infos)} have none, e.g. {unmasked[0]}")
+        self.entries = list(infos.values())
         edits_complement = cfg.pmp.complement == "frozen" or cfg.pmp.projection
         mixed = cfg.model.params_dtype != "float32"
         if edits_complement and mixed and cfg.parallel.use_distributed_optimizer:
@@ -78,6 +73,16 @@ class MaskedUpdate:
         self.frozen_values = None
         if cfg.pmp.complement == "frozen":
             self.frozen_values = [t.detach()[~m].clone() for t, m, _ in self.targets]
+        tcfg = mcore.unwrap(chunks[0]).config
+        inner = tcfg.finalize_model_grads_func
+        assert inner is not None, "wrap the model in DDP (train.step.wrap_ddp) before MaskedUpdate"
+
+        def finalize_then_mask(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            self.mask_grads()
+            return out
+
+        tcfg.finalize_model_grads_func = finalize_then_mask
 
     def _publish(self) -> None:
         """Make model params and optimizer copies agree after an edit of ``targets``."""

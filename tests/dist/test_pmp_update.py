@@ -116,3 +116,27 @@ def _bf16_distopt_frozen():
 def test_unsupported_mixed_precision_distopt_policy_is_refused_by_name():
     message = spawn(_bf16_distopt_frozen, 1)[0]
     assert message is not None and "parallel.use_distributed_optimizer" in message
+
+
+def _unmasked_model():
+    from pmp_megatron.pmp.update import MaskedUpdate
+    from pmp_megatron.testing import init_debug_model
+    from pmp_megatron.train.optimizer import build_optimizer
+    from pmp_megatron.train.step import wrap_ddp
+
+    cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5"], 1)
+    model = wrap_ddp(chunks, cfg)
+    finalize = chunks[0].config.finalize_model_grads_func
+    try:
+        MaskedUpdate(model, build_optimizer(model, cfg), cfg)
+    except ValueError as e:
+        return str(e), chunks[0].config.finalize_model_grads_func is finalize
+    return None, None
+
+
+@pytest.mark.dist
+def test_a_model_without_masks_is_refused_before_any_hook():
+    message, finalize_untouched = spawn(_unmasked_model, 1)[0]
+    assert message is not None and "pmp.masks.attach" in message
+    assert "embedding.word_embeddings.weight" in message or "decoder.layers" in message
+    assert finalize_untouched  # the refused rule left megatron's grad finalisation as it was
