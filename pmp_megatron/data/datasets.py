@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from pmp_megatron import mcore
 from pmp_megatron.data.indexed import quiet_rank_warnings, read_meta
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def build_datasets(data_path: Sequence[str | float | os.PathLike], split: str, s
             if dist.get_rank() in _first_rank_per_host():
                 with _process_group_hidden():  # build this node's cache as if alone
                     BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
-            dist.barrier()
+            mcore.barrier()
         train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
     return train, valid, test
 
@@ -124,8 +125,7 @@ def _check_prefix(prefix: str, tokenizer) -> None:
 
 
 def _first_rank_per_host() -> set[int]:
-    hosts: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
+    hosts: list[str] = mcore.all_gather_object(socket.gethostname())
     first: dict[str, int] = {}
     for rank, host in enumerate(hosts):
         first.setdefault(host, rank)
