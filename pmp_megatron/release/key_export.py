@@ -1,5 +1,6 @@
 """``pmp-export-mask``: read the masks of a PMP checkpoint (saved at any TP/PP layout) in ONE process and
-write the private mask file keyed by the release's Hugging Face names (``pmp.maskfile``).
+write the private key file keyed by the release's Hugging Face names (``pmp.maskfile``): the mask and the
+W0 seed of the run (``model.seed`` of the checkpoint's common state; a secret one when the run drew it).
 
 The masks are resharded to TP=1/PP=1 by dist_checkpointing (their sharded state mirrors the weights'),
 then converted tensor by tensor with the release adapter, so the key lines up with the released weights
@@ -45,7 +46,7 @@ def load_global_masks(root, iteration: int | None = None):
         raise ValueError(f"checkpoint {checkpoint.iter_dir(root, iteration)} has no PMP masks "
                          f"(pmp.mode={common.get('pmp_mode')})")
     cfg = single_process_config(common)
-    mcore.init_model_parallel(1, 1, None, cfg.model.seed)
+    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
     chunks = build_model(cfg)
     template = pmp_masks.sharded_state_dict(chunks, empty=True)
     loaded = mcore.dist_checkpointing.load({"pmp_masks": template},
@@ -60,10 +61,14 @@ def load_global_masks(root, iteration: int | None = None):
 
 
 def export_mask(root, out, iteration: int | None = None, force: bool = False) -> str:
+    """Write the key of checkpoint ``root`` to ``out`` (mode 0600); return its sha256."""
     full, cfg = load_global_masks(root, iteration)
     hf = {}
     for name, mask in full.items():
         hf.update(to_hf(name, mask, cfg.model))
-    digest = maskfile.save(hf, out, rho=cfg.pmp.rho, force=force)
-    logger.info("exported the private mask of %s (%d tensors) to %s", root, len(hf), out)
+    if cfg.model.seed is None:
+        raise ValueError(f"checkpoint {str(root)!r} has no model.seed in its common state: the key needs "
+                         f"the W0 seed")
+    digest = maskfile.save(hf, out, rho=cfg.pmp.rho, w0_seed=cfg.model.seed, force=force)
+    logger.info("exported the private key (mask + W0 seed) of %s (%d tensors) to %s", root, len(hf), out)
     return digest
