@@ -16,7 +16,6 @@ Output layout (stable, for scripts)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -56,12 +55,9 @@ def _run(cmd: list[str], what: str) -> None:
         raise SystemExit(f"quickstart: {what} failed (exit {proc.returncode})")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="pmp-quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out).resolve()
+def run(out: str | Path) -> dict:
+    """Run the whole loop into ``out``; return the summary (also written to ``OUT/summary.json``)."""
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -75,7 +71,7 @@ def main(argv=None) -> None:
     for mode in ("dense", "pmp"):
         logger.info("[2/6] pretraining the %s model (torchrun, 2 processes, TP=2)", mode)
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-              f"--master_port={free_port()}", "-m", "pmp_megatron.cli", "pretrain",
+              f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
               "--config", str(REPO_CONFIGS / "model" / "debug.yaml"), *_pretrain_args(out, mode)],
              f"pretrain {mode}")
 
@@ -90,7 +86,7 @@ def main(argv=None) -> None:
                 mask=str(mask) if mode == "pmp" else None)
 
     logger.info("[4/6] smoke attack suite (unauthorized, authorized, mask recovery) on both releases")
-    from pmp_megatron.attack.cli import format_summary, run_suite
+    from pmp_megatron.attack.cli import run_suite
     from pmp_megatron.config import load_config
 
     seed = load_config(out / "runs" / "pmp" / "config.yaml").model.seed  # the init-regeneration attacker's
@@ -105,11 +101,10 @@ def main(argv=None) -> None:
     summary["base_loss_ratio"] = valid["pmp"] / valid["dense"]
     summary["valid_loss"] = valid
     summary["seconds"] = round(time.time() - t0, 1)
+    summary["out"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.info("[6/6] done in %.0f s; report: %s", summary["seconds"], out / "report" / "report.md")
-    print(format_summary(summary))
-    print(f"base_loss_ratio (PMP/dense valid loss) = {summary['base_loss_ratio']:.4f}")
-    print(f"outputs: {out}")
+    return summary
 
 
 def _last_valid_loss(run_dir: Path) -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pmp_megatron.cli import run
 from pmp_megatron.launch import rendezvous
-from pmp_megatron.launch.cli import main
 from pmp_megatron.launch.sbatch import SlurmOptions, launch, render_sbatch, render_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ FP8_1B_ARGS = ["--config", "configs/model/tinyllama-1.1b.yaml", "configs/pmp/ref
 
 def test_dry_run_matches_golden(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert main(FP8_1B_ARGS) == 0
+    assert run("launch", FP8_1B_ARGS) == 0
     script = capsys.readouterr().out
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def test_run_dir_written_without_submitting(tmp_path, monkeypatch):
 def test_bad_options_raise(argv, message, capsys):
     args = ["--config", str(REPO / "configs/model/tinyllama-1.1b.yaml"),
             str(REPO / "configs/pmp/reference.yaml"), "--dry-run", *argv]
-    assert main(args) == 2
+    assert run("launch", args) == 2
     assert message in capsys.readouterr().err
 
 

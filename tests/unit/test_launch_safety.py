@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pmp_megatron.launch.cli import main
+from pmp_megatron.cli import run
 from pmp_megatron.launch.sbatch import SlurmOptions, launch, render_sbatch, sbatch_escape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,8 +103,8 @@ def test_run_dir_with_control_characters_is_refused(run_dir):
 
 def test_cli_refuses_a_newline_in_run_dir_in_one_line(capsys, tmp_path):
     run_dir = str(tmp_path / "run\n#SBATCH --partition=evil")
-    assert main(["--config", str(DEBUG), "--nodes", "1", "--gpus-per-node", "2", "--run-dir", run_dir,
-                 "--dry-run", "pmp.rho=0.5"]) == 2
+    assert run("launch", ["--config", str(DEBUG), "--nodes", "1", "--gpus-per-node", "2",
+                          "--run-dir", run_dir, "--dry-run", "pmp.rho=0.5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run_dir must not contain control characters" in err
     assert not (tmp_path / "run").exists()

@@ -54,18 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         partition=args.partition, account=args.account, time=args.time,
         container_image=args.container_image, cpus_per_task=args.cpus_per_task, job_name=args.job_name,
         requeue_signal_seconds=args.requeue_signal_seconds, chain=args.chain, trainer=args.trainer)
-    try:
-        result = launch(args.config, options, args.overrides, run_dir=args.run_dir, dry_run=args.dry_run)
-    except ValueError as err:
-        sys.stderr.write(f"pmp-launch: error: {err}\n")
-        return 2
+    result = launch(args.config, options, args.overrides, run_dir=args.run_dir, dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(result.script)
         return 0
     sys.stdout.write(f"run dir: {result.run_dir}\nsubmitted job(s): {' '.join(result.job_ids)}\n"
                      f"logs: {result.run_dir}/logs/\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,55 +1,21 @@
-"""Console entry points (each has --help and takes a YAML plus dotted overrides where it trains):
+"""``pmp-release`` and ``pmp-export-mask``: the public release of a checkpoint and the owner's private key.
 
-- ``pmp-pretrain --config configs/X.yaml [key=value ...]`` (under torchrun or srun)
-- ``pmp-export-mask --checkpoint DIR --out FILE [--iteration N] [--force]``
-- ``pmp-release --checkpoint DIR --out HF_DIR [--mask FILE]``, ``pmp-release --audit --model DIR --mask FILE``
-- ``pmp-quickstart [--out DIR]``
-Also ``python -m pmp_megatron.cli <command> ...``.
+- ``pmp-release --checkpoint DIR --out HF_DIR [--mask FILE]``: the dense Hugging Face Llama of a checkpoint of
+  any TP/PP layout (never the mask); with ``--mask``, the leakage audit. ``--audit --model DIR --mask FILE``
+  audits an existing release.
+- ``pmp-export-mask --checkpoint DIR --out FILE [--iteration N] [--force]``: the private key.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
-
-def _logging(level: str = "INFO") -> None:
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if rank != "0":  # other ranks: warnings and errors only
-        logging.getLogger().setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+from pmp_megatron.cli.logs import setup_logging
 
 
-def pretrain(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="pmp-pretrain",
-        description="PMP pretraining (pmp.mode=pmp: Stage I mask discovery, rewind, Stage II) or the dense "
-                    "baseline (pmp.mode=dense) on megatron-core. Run under torchrun or srun; resumes "
-                    "automatically from checkpoint.dir; exits 42 after a preemption checkpoint.")
-    parser.add_argument("--config", action="append", required=True,
-                        help="YAML recipe (repeatable: merged in order)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
-    args = parser.parse_args(argv)
-    from pmp_megatron.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    _logging(cfg.logging.level)
-    from pmp_megatron.train.trainer import main
-
-    main(cfg)
-
-
-def export_mask(argv=None) -> None:
+def export_mask(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pmp-export-mask",
         description="Write the private PMP mask (the owner's key) of a checkpoint as a safetensors file "
@@ -59,14 +25,15 @@ def export_mask(argv=None) -> None:
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest valid one")
     parser.add_argument("--force", action="store_true", help="overwrite an existing mask file")
     args = parser.parse_args(argv)
-    _logging()
+    setup_logging()
     from pmp_megatron.release.key_export import export_mask as run
 
     digest = run(args.checkpoint, args.out, iteration=args.iteration, force=args.force)
-    print(f"wrote {args.out} (sha256 {digest[:16]}...)")
+    sys.stdout.write(f"wrote {args.out} (sha256 {digest[:16]}...)\n")
+    return 0
 
 
-def release(argv=None) -> None:
+def release(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pmp-release",
         description="Write the dense Hugging Face Llama release of a checkpoint saved at any TP/PP layout "
@@ -97,7 +64,7 @@ def release(argv=None) -> None:
         parser.error("--checkpoint and --out are required (or --audit --model DIR --mask FILE)")
     if args.audit_seed is not None and args.no_init_attack:
         parser.error("--audit-seed and --no-init-attack exclude each other")
-    _logging()
+    setup_logging()
     from pmp_megatron.release import audit
 
     if args.audit:
@@ -112,27 +79,9 @@ def release(argv=None) -> None:
                   tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, mask=args.mask,
                   audit_seed=args.audit_seed, init_attack=not args.no_init_attack,
                   warn_level=args.warn_level)
-        print(f"wrote release {out}")
+        sys.stdout.write(f"wrote release {out}\n")
         if args.mask is None:
-            return
+            return 0
         report = json.loads((out / AUDIT_FILE).read_text())
-    print(audit.markdown_table(report))  # ends with the WARNING line when the mask leaks
-
-
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"pretrain": pretrain, "export-mask": export_mask, "release": release,
-                "quickstart": quickstart}
-    if not argv or argv[0] not in commands:
-        sys.exit(f"usage: python -m pmp_megatron.cli {{{','.join(commands)}}} ...")
-    commands[argv[0]](argv[1:])
-
-
-def quickstart(argv=None) -> None:
-    from pmp_megatron.quickstart import main as run
-
-    run(argv)
-
-
-if __name__ == "__main__":
-    main()
+    sys.stdout.write(audit.markdown_table(report) + "\n")  # ends with the WARNING line when the mask leaks
+    return 0
