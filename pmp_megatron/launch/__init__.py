@@ -1,17 +1,16 @@
 """Run pmp_megatron steps on Slurm.
 
 - ``sbatch``: render ``slurm/pretrain.sbatch`` for a pretraining job, record the run directory and
-  submit it (``pmp-launch``, ``launch.cli``).
+  submit it (``pmp-launch``, ``cli/launch.py``).
 - ``rendezvous``: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the Slurm environment.
-- ``submit_array`` / ``gather`` / ``run_array`` (here): a submitit job array that runs one Python call
-  per element with a concurrency cap and collects the results, as used for attack grids.
+- ``submit_array`` / ``gather`` (here): a submitit job array that runs one Python call per element with a
+  concurrency cap, and a wait for its results that needs no Slurm accounting, as used for attack grids.
 
 Importing this package pulls in neither torch nor submitit.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 import time
@@ -21,9 +20,7 @@ from typing import Any
 
 from pmp_megatron.launch.sbatch import Launch, SlurmOptions, launch, render_sbatch
 
-__all__ = ["Launch", "SlurmOptions", "launch", "render_sbatch", "submit_array", "gather", "run_array"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Launch", "SlurmOptions", "launch", "render_sbatch", "submit_array", "gather"]
 
 _FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
              "DEADLINE", "PREEMPTED")
@@ -114,11 +111,3 @@ def _raise_lost(job, ended: dict[str, str]) -> None:
     log = job.paths.stderr.read_text()[-2000:] if job.paths.stderr.exists() else "(no log)"
     raise RuntimeError(f"array job {job.job_id} ended {ended.get(job.job_id, 'unknown')} without a "
                        f"result; end of its stderr:\n{log}")
-
-
-def run_array(fn: Callable[[Any], Any], items: Sequence[Any], folder: str | Path, *,
-              timeout_s: float | None = None, **kwargs: Any) -> list:
-    """``submit_array`` then ``gather``: the results of ``fn(item)`` for each item, in order."""
-    jobs = submit_array(fn, items, folder, **kwargs)
-    logger.info("submitted job array %s (%d elements)", jobs[0].job_id.split("_")[0], len(jobs))
-    return gather(jobs, timeout_s=timeout_s)

@@ -10,7 +10,6 @@ PMP_TEST_TRAINER="cmd ..." replaces pmp-pretrain in (d), e.g. to try a patched t
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pmp_megatron.launch import run_array
-from pmp_megatron.launch.cli import main as launch_main
+from pmp_megatron.cli import run
+from pmp_megatron.launch import gather, submit_array
 
 pytestmark = pytest.mark.slurm
 
@@ -46,7 +45,7 @@ def submit_standin(slurm, run_dir: Path, steps: int, job_name: str) -> str:
             "--trainer", f"{sys.executable} {STANDIN}",
             f"train.train_steps={steps}", "optim.lr_warmup_steps=1", "checkpoint.save_interval=5",
             "pmp.rho=0.5"]
-    assert launch_main(argv) == 0
+    assert run("launch", argv) == 0
     return (run_dir / "jobs.txt").read_text().split()[-1]
 
 
@@ -116,8 +115,9 @@ def test_job_array_with_concurrency_cap(slurm, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("STANDIN_CELL_SECONDS", "2")
     start = time.monotonic()
-    results = run_array(standin_trainer.array_cell, [0, 1, 2, 3], tmp_path / "array", partition="debug",
-                        max_parallel=2, timeout_min=5, timeout_s=120, job_name="pmp-array-test")
+    jobs = submit_array(standin_trainer.array_cell, [0, 1, 2, 3], tmp_path / "array", partition="debug",
+                        max_parallel=2, timeout_min=5, job_name="pmp-array-test")
+    results = gather(jobs, timeout_s=120)
     elapsed = time.monotonic() - start
     assert [r["square"] for r in results] == [0, 1, 4, 9]
     assert sorted(r["array_task"] for r in results) == ["0", "1", "2", "3"]
@@ -131,20 +131,13 @@ def test_job_array_with_concurrency_cap(slurm, tmp_path, monkeypatch):
           f"{elapsed:.1f} s")
 
 
-def _has(module: str, name: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-def _pretrain_command() -> str | None:
+def _pretrain_command() -> str:
     if os.environ.get("PMP_TEST_TRAINER"):
         return os.environ["PMP_TEST_TRAINER"]
     venv_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if shutil.which("pmp-pretrain", path=venv_path):
         return "pmp-pretrain"
-    return f"{sys.executable} -m pmp_megatron.cli pretrain" if _has("pmp_megatron.cli", "pretrain") else None
+    return f"{sys.executable} -m pmp_megatron pretrain"
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +159,12 @@ def submit_real(slurm, run_dir: Path, data, job_name: str) -> str:
             "--partition", "debug", "--job-name", job_name, "--run-dir", str(run_dir),
             "--trainer", _pretrain_command(),
             f"data.data_path=[{prefix}]", f"data.tokenizer_model={tokenizer}", "data.split=90,10,0",
+            "model.seed=1234",  # public: the interrupted and uninterrupted runs must share W0
             "pmp.rho=0.5", "pmp.discovery.max_steps=2", f"train.train_steps={REAL_STEPS}",
             "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_interval=1000",
             "optim.lr=1e-3", "optim.lr_warmup_steps=2", "checkpoint.save_interval=1000",
             "logging.log_interval=1"]
-    assert launch_main(argv) == 0
+    assert run("launch", argv) == 0
     return (run_dir / "jobs.txt").read_text().split()[-1]
 
 
@@ -193,11 +187,6 @@ def real_uninterrupted(slurm_cluster, debug_data, tmp_path_factory):
         return run_dir, time.monotonic() - start
 
 
-needs_pretrain = pytest.mark.skipif(_pretrain_command() is None,
-                                    reason="pmp-pretrain (pmp_megatron/cli.py) not there yet")
-
-
-@needs_pretrain
 def test_real_pretrain_on_debug_model(real_uninterrupted):
     run_dir, elapsed = real_uninterrupted
     log = log_text(run_dir)
@@ -209,7 +198,6 @@ def test_real_pretrain_on_debug_model(real_uninterrupted):
     print(f"pmp-pretrain on the debug model, 2 ranks, {REAL_STEPS} steps: {elapsed:.1f} s")
 
 
-@needs_pretrain
 def test_real_pretrain_preempted_resumes_exactly(slurm, tmp_path, debug_data, real_uninterrupted):
     run_dir = tmp_path / "run"
     start = time.monotonic()
@@ -248,8 +236,6 @@ adversaries:
 """
 
 
-@pytest.mark.skipif(not _has("pmp_megatron.attack.execute", "run_cells_slurm"),
-                    reason="pmp_megatron.attack.execute.run_cells_slurm not there yet")
 def test_attack_grid_as_job_array(slurm, tmp_path):
     import torch
 
