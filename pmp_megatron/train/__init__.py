@@ -1,1 +1,2 @@
-"""Training: one step on megatron-core, the Trainer, optimizer and schedule, checkpoints, signals."""
+"""Training loops on megatron-core: one step (``step``), Stage I mask discovery (``discovery``), the Trainer
+(Stage I -> rewind -> Stage II, or dense), optimizer and schedule, checkpoints, preemption signals."""
