@@ -15,7 +15,9 @@ import contextlib
 import logging
 import numbers
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from unittest import mock
@@ -194,4 +196,25 @@ def build_dataloader(dataset, micro_batch_size: int, data_parallel_rank: int, da
     sampler = MicroBatchSampler(len(dataset), micro_batch_size, data_parallel_rank, data_parallel_size,
                                 consumed_samples)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=batch_from_samples,
-                                       num_workers=num_workers, persistent_workers=num_workers > 0)
+                                       num_workers=num_workers, persistent_workers=num_workers > 0,
+                                       worker_init_fn=quiet_preemption_signals)
+
+
+def quiet_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker outlives Slurm's SIGUSR2 / SIGTERM, which reach every
+    process of the step, instead of running the trainer's inherited handlers (``train/signals.py``).
+
+    The training process alone checkpoints on them; a worker that died of one would make the DataLoader
+    raise in the training process before the checkpoint. SIGUSR2 is ignored. SIGTERM is blocked and
+    taken by a thread that ends the worker only when the signal comes from its own parent: that is
+    ``Process.terminate``, on which the parent's exit then waits (ignored, it would hang the exit)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), name="sigterm-from-parent",
+                     daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)

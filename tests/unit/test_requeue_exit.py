@@ -1,5 +1,5 @@
 """Preemption without Slurm: the requeue marker (``signals.requeue_exit``) and how the rendered
-``slurm/pretrain.sbatch`` reads it.
+``slurm/pretrain.sbatch`` reads it, and DataLoader workers that outlive the preemption signals.
 
 Under torchrun a trainer's exit 42 reaches the batch script as 1, so the script requeues on a failed step
 only when rank 0 left the marker, and removes any marker before the step so an old one never turns a
@@ -8,8 +8,10 @@ crash into a requeue. The script runs here as rendered, with stand-ins for srun,
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,42 @@ def test_a_finished_step_exits_0(tmp_path):
     assert proc.returncode == 0 and requeues == [], proc.stdout + proc.stderr
     assert "trainer exited with code 0" in proc.stdout
 
+
+# ------------------------------------------------------------------ DataLoader workers
+
+_WORKER_PROBE = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    import torch
+    from pmp_megatron.data.datasets import build_dataloader
+
+    # the trainer's handlers (train/signals.py install), which a forked worker inherits
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, lambda s, f: print(f"handler {s} ran in {os.getpid()}", flush=True))
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):  # this worker's pid, SIGUSR2 ignored, SIGTERM blocked
+            usr2 = signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+            term = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            t = torch.tensor([os.getpid(), usr2, term])
+            return dict(tokens=t, labels=t, loss_mask=t, position_ids=t)
+
+    it = iter(build_dataloader(Probe(), 1, 0, 1, num_workers=1))
+    pid, usr2, term = next(it)["tokens"][0].tolist()
+    print("worker", pid != os.getpid(), usr2, term, flush=True)
+    for sig in ("USR2", "TERM"):  # as Slurm sends them: from another process
+        subprocess.run(["kill", f"-{sig}", str(pid)], check=True)
+    time.sleep(1)
+    print("same worker after the signals", next(it)["tokens"][0, 0].item() == pid, flush=True)
+    sys.exit(42)  # the iterator is still alive: exit terminates the worker, and must not hang on it
+""")
+
+
+def test_dataloader_workers_outlive_preemption_signals_and_still_exit(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _WORKER_PROBE], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 42, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["worker True 1 1", "same worker after the signals True"], \
+        proc.stdout + proc.stderr
