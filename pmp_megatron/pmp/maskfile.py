@@ -80,6 +80,12 @@ def save(masks: dict[str, torch.Tensor], path: str | os.PathLike, rho: float, w0
     return digest
 
 
+def seed_fingerprint(w0_seed: int) -> str:
+    """A one-way tag of a W0 seed (sha256), for the owner's release manifest: it lets the audit tell whether
+    a key belongs to a release without storing the seed there."""
+    return hashlib.sha256(f"pmp-w0-seed:{w0_seed}".encode()).hexdigest()
+
+
 def is_key_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a safetensors file with a ``pmp-mask`` format tag (a private key); reads the
     header only."""

@@ -1,10 +1,11 @@
 """Megatron -> Hugging Face Llama release, and the owner's steps around it.
 
-``hf_llama`` (the declarative key map, both ways), ``writer`` (the guarded directory writer), ``tokenizer``
-(sentencepiece -> HF), ``from_checkpoint`` (``pmp-release``: any TP/PP layout -> HF directory),
-``key_export`` (``pmp-export-mask``: the private mask file), ``recovery`` (the mask-recovery attackers)
-and ``audit`` (how much of the mask a release leaks to them), ``reader`` (reads an HF directory) and
-``to_megatron`` (HF directory -> megatron checkpoint)."""
+``hf_llama`` (the declarative key map, both ways), ``writer`` (the guarded directory writer: public files
+in the release, the manifest in the owner's directory), ``tokenizer`` (sentencepiece -> HF),
+``from_checkpoint`` (``pmp-release``: any TP/PP layout -> HF directory), ``key_export``
+(``pmp-export-mask``: the private key, mask + W0 seed), ``recovery`` (the mask-recovery attackers, the
+seed-guessing one included) and ``audit`` (how much of the mask a release leaks to them), ``reader`` (reads
+an HF directory) and ``to_megatron`` (HF directory -> megatron checkpoint)."""
 
 from pmp_megatron.release.hf_llama import canonical_shapes, from_hf, hf_config, hf_names, hf_shapes, to_hf
 from pmp_megatron.release.writer import tensor_sha256, write_release

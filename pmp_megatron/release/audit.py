@@ -1,20 +1,24 @@
 """Leakage audit of a release: how much of the private mask can an attacker recover from the weights alone?
 
 The owner runs the mask-recovery attackers of ``release.recovery`` on the released tensors and scores each
-recovered mask against the true one (the private mask file) by intersection over union, per tensor type
+recovered mask against the true one (the private key file) by intersection over union, per tensor type
 (embed, q, k, v, o, gate, up, down, norms, lm_head) and over the whole model:
 
 - ``recovery_global``: global top-|w| at the mask's density (the attacker is assumed to know rho);
 - ``recovery_per_tensor``: the same inside every tensor;
-- ``recovery_init``: regenerate W0 from the init seed and find the entries that left ``c * W0``; only
-  when a model config with the seed is given (the seed is ``model.seed`` of the checkpoint's config).
+- ``recovery_init``: regenerate W0 from the init seed and find the entries that left ``c * W0``; the seed
+  is the KEY's (a v2 key holds it), or one given explicitly for a v1 key -- never a default;
+- ``recovery_seed_guess``: the same without the seed: guess it among small integers and the repo's recipe
+  seeds (a secret 128-bit seed defeats it).
 
 A random guess at density ``d`` scores ``d / (2 - d)`` (the ``chance_iou`` of the report). An overall IoU
 above ``warn_level`` (default 0.5) logs a loud WARNING: the release gives the mask away, and with it the
 protection (an attacker fine-tunes only the recovered entries, like the authorized owner).
 
-The report holds numbers only -- never the mask, its path or its hash -- so it may sit in the public
-release directory (``release_audit.json``); it is not a tensor and not in the release manifest.
+The audit refuses a key that does not fit the release: other tensor names or shapes, a W0 seed whose
+fingerprint differs from the one the owner's release manifest recorded, or a release the manifest says is
+dense. The report holds numbers only -- never the mask, its path, its hash or the seed -- and is written to
+the OWNER's directory (``release_audit.json`` beside ``release_manifest.json``), not into the release.
 """
 
 from __future__ import annotations
@@ -105,17 +109,21 @@ def chance_iou(density: float) -> float:
 
 def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Tensor],
           w0: Iterable[tuple[str, torch.Tensor]] | None = None, release_dtype: str = "float32",
-          warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
+          warn_level: float = DEFAULT_WARN_LEVEL, model_cfg: ModelConfig | None = None,
+          seed_guesses: int = recovery.DEFAULT_SEED_GUESSES) -> dict:
     """Run the recovery attackers on ``weights`` (HF name -> tensor) and score them against
-    ``true_masks``; ``w0`` (HF name, W0) pairs enable the init-regeneration attacker. Returns the report."""
+    ``true_masks``; ``w0`` (HF name, W0) pairs enable the init-regeneration attacker, ``model_cfg`` (W0's
+    shapes and std) the seed-guessing one (``seed_guesses`` small seeds). Returns the report."""
     check_mask_names(true_masks, weight_shapes(weights))
     true = {n: m.to(torch.bool) for n, m in true_masks.items()}
     density = recovery.mask_density(true)
     attackers: dict[str, dict] = {}
-    for name in ("recovery_global", "recovery_per_tensor", "recovery_init"):
-        if name == "recovery_init" and w0 is None:
+    for name in ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess"):
+        if (name == "recovery_init" and w0 is None) or (name == "recovery_seed_guess" and model_cfg is None):
             continue
-        recovered, info = recovery.recover(name, weights, density=density, w0=w0, release_dtype=release_dtype)
+        candidates = recovery.seed_candidates(seed_guesses) if name == "recovery_seed_guess" else None
+        recovered, info = recovery.recover(name, weights, density=density, w0=w0, release_dtype=release_dtype,
+                                           model_cfg=model_cfg, candidates=candidates)
         attackers[name] = {"iou": iou_by_type(recovered, true),
                            **{k: v for k, v in info.items() if isinstance(v, int | float)}}
         del recovered
@@ -144,26 +152,82 @@ def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Te
     return report
 
 
+def read_owner_manifest(model_dir: str | Path, owner_dir: str | Path | None = None) -> dict | None:
+    """The owner's ``release_manifest.json`` of the release in ``model_dir`` (in ``owner_dir``, default the
+    sibling ``<release>.owner``); None when the default has none. ValueError when a given ``owner_dir``
+    has none, or when the manifest's file hashes are not the release's (it describes another release)."""
+    from pmp_megatron.release.writer import MANIFEST, default_owner_dir, file_sha256
+
+    path = (default_owner_dir(model_dir) if owner_dir is None else Path(owner_dir)) / MANIFEST
+    if not path.is_file():
+        if owner_dir is not None:
+            raise ValueError(f"owner directory {str(owner_dir)!r} has no {MANIFEST}")
+        return None
+    manifest = json.loads(path.read_text())
+    for name, digest in manifest.get("files", {}).items():
+        if name == "config.json" or name.endswith(".safetensors"):
+            target = Path(model_dir) / name
+            if not target.is_file() or file_sha256(target) != digest:
+                raise ValueError(f"owner manifest {str(path)!r} does not describe the release in "
+                                 f"{str(model_dir)!r} ({name} differs): pass the release's owner directory")
+    return manifest
+
+
+def check_key_fits(meta: Mapping, source: Mapping, what: str) -> None:
+    """ValueError when the owner's record ``source`` (a release manifest's, or a checkpoint's common state
+    in the same spelling) says the key ``meta`` cannot belong to it: a dense run, or another W0 seed."""
+    from pmp_megatron.pmp import maskfile
+
+    if source.get("pmp_mode") == "dense" or source.get("has_masks") is False:
+        raise ValueError(f"{what} is a dense run (pmp.mode=dense, no masks): no mask file belongs to it")
+    recorded = source.get("w0_seed_sha256")
+    if recorded is not None and meta.get("w0_seed") is not None \
+            and maskfile.seed_fingerprint(meta["w0_seed"]) != recorded:
+        raise ValueError(f"the mask file is the key of another run: its W0 seed is not the one of {what}")
+
+
 def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: ModelConfig | None = None,
-                  warn_level: float = DEFAULT_WARN_LEVEL) -> dict:
-    """Audit the release in ``model_dir`` against the private mask file ``mask_path``; ``model_cfg``
-    (with the init seed in ``seed``) enables the init-regeneration attacker."""
+                  warn_level: float = DEFAULT_WARN_LEVEL, init_attack: bool = True,
+                  owner_dir: str | Path | None = None,
+                  seed_guesses: int = recovery.DEFAULT_SEED_GUESSES) -> dict:
+    """Audit the release in ``model_dir`` against the private key file ``mask_path``.
+
+    The init-regeneration attacker uses the key's W0 seed (``init_attack``); a ``model_cfg`` gives W0's
+    architecture and std (default: from config.json) and, for a v1 key without a seed, the seed in ``seed``
+    (a seed that contradicts the key's is refused). The owner's release manifest (``owner_dir``, default
+    ``<release>.owner``) is checked against the key when present (``check_key_fits``).
+    """
     from pmp_megatron.pmp import maskfile
 
     if not Path(mask_path).is_file():
         raise ValueError(f"mask file {str(mask_path)!r} does not exist")
+    manifest = read_owner_manifest(model_dir, owner_dir)
     weights, hf_cfg = reader.read_weights(model_dir)
     true, meta = maskfile.load(mask_path)
     check_mask_names(true, weight_shapes(weights), f"mask file {str(mask_path)!r}")
-    w0 = recovery.iter_w0(model_cfg) if model_cfg is not None else None
-    report = audit(weights, true, w0=w0, release_dtype=reader.release_dtype(hf_cfg), warn_level=warn_level)
+    if manifest is not None:
+        check_key_fits(meta, manifest.get("source", {}), f"the release in {str(model_dir)!r}")
+    given = None if model_cfg is None else model_cfg.seed
+    if given is not None and meta["w0_seed"] is not None and given != meta["w0_seed"]:
+        raise ValueError(f"the given init seed is not the W0 seed in mask file {str(mask_path)!r}: drop it "
+                         f"(the key's seed is used)")
+    seed = meta["w0_seed"] if meta["w0_seed"] is not None else given
+    arch = model_cfg if model_cfg is not None else model_config_for_audit(model_dir, None)
+    w0 = None
+    if init_attack and seed is not None:
+        w0 = recovery.iter_w0(dataclasses.replace(arch, seed=seed))
+    elif init_attack:
+        logger.warning("mask file %s holds no W0 seed (a v1 key) and none was given: the init-regeneration "
+                       "attacker does not run", mask_path)
+    report = audit(weights, true, w0=w0, release_dtype=reader.release_dtype(hf_cfg), warn_level=warn_level,
+                   model_cfg=arch, seed_guesses=seed_guesses)
     report["rho"] = meta["rho"]
-    report["init_seed_known"] = model_cfg is not None
+    report["init_seed_known"] = w0 is not None
     return report
 
 
-def model_config_for_audit(model_dir: str | Path, seed: int, model_config: str | Path | None = None
-                           ) -> ModelConfig:
+def model_config_for_audit(model_dir: str | Path, seed: int | None,
+                           model_config: str | Path | None = None) -> ModelConfig:
     """The init config of a release for ``recovery_init`` (the audit's and the attack suite's): the model
     section of ``model_config`` (a YAML recipe, whose architecture must be the release's) if given, else
     what W0 depends on from the release's config.json -- shapes, tying, init std = ``initializer_range``
@@ -202,7 +266,9 @@ def markdown_table(report: Mapping) -> str:
 
 
 def write_report(report: Mapping, path: str | Path) -> Path:
-    """Write the report (numbers only, no mask) as JSON."""
+    """Write the report (numbers only, no mask) as JSON, atomically, mode 0600 (it belongs to the owner)."""
+    from pmp_megatron.atomic import write_text_atomic
+
     path = Path(path)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n", mode=0o600)
     return path

@@ -32,13 +32,13 @@ import torch
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config, config_from_dict
-from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
-from pmp_megatron.release.writer import write_release
+from pmp_megatron.release.hf_llama import canonical_shapes, hf_shapes, to_hf
+from pmp_megatron.release.writer import owner_dir_of, write_release
 from pmp_megatron.train import checkpoint
 
 logger = logging.getLogger(__name__)
 
-AUDIT_FILE = "release_audit.json"
+AUDIT_FILE = "release_audit.json"  # in the owner directory (``writer.owner_dir_of``), never in the release
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -147,21 +147,63 @@ def iter_canonical_tensors(ckpt_root: str | Path, iteration: int | None = None
         del loaded, state
 
 
+def check_release_target(ckpt_root: str | Path, out_dir: str | Path) -> None:
+    """ValueError unless ``out_dir`` lies apart from the checkpoint ``ckpt_root``: a release written (or
+    overwritten) over, around or inside the checkpoint would replace the run and the owner's secrets."""
+    ckpt, out = Path(ckpt_root).resolve(), Path(out_dir).resolve()
+    if out == ckpt or ckpt.is_relative_to(out) or out.is_relative_to(ckpt):
+        raise ValueError(f"release output {str(out_dir)!r} is, contains or is inside the checkpoint "
+                         f"directory {str(ckpt_root)!r}: choose an --out apart from the checkpoint")
+
+
+def key_record(cfg: Config, common: dict) -> dict:
+    """What the owner's records say about the key of a checkpoint (``audit.check_key_fits``): its pmp mode,
+    whether it has masks, and a fingerprint of its W0 seed -- never the seed itself."""
+    from pmp_megatron.pmp.maskfile import seed_fingerprint
+
+    return {"pmp_mode": common.get("pmp_mode"), "has_masks": bool(common.get("has_masks")),
+            "w0_seed_secret": bool(common.get("w0_seed_secret", False)),
+            "w0_seed_sha256": None if cfg.model.seed is None else seed_fingerprint(cfg.model.seed)}
+
+
 def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = None, dtype: str = "float32",
             tokenizer_model: str | None = None, overwrite: bool = False, mask: str | Path | None = None,
             audit_seed: int | None = None, init_attack: bool = True, warn_level: float = 0.5,
-            max_shard_bytes: int = 2 * 1024**3) -> Path:
+            max_shard_bytes: int = 2 * 1024**3, owner_dir: str | Path | None = None) -> Path:
     """Write the dense Hugging Face release of a checkpoint; return its directory. Never includes a mask.
 
-    ``tokenizer_model`` defaults to the run's ``data.tokenizer_model``. With ``mask`` (the owner's private
-    mask file) the leakage audit (``release.audit``) runs on the written release and its IoU numbers go
-    to ``OUT/release_audit.json``; the init-regeneration attacker uses ``audit_seed`` (default: the
-    checkpoint's ``model.seed``) unless ``init_attack`` is False.
+    The release directory gets the public files only; the manifest (checkpoint path, pmp mode, tensor
+    hashes) goes to ``owner_dir`` (default ``<out>.owner``, mode 0700). ``out_dir`` may not be, contain or
+    lie inside the checkpoint, nor hold a key file. ``tokenizer_model`` defaults to the run's
+    ``data.tokenizer_model``. With ``mask`` (the owner's private key file, which must belong to this PMP
+    checkpoint) the leakage audit (``release.audit``) runs on the written release and its report goes to
+    ``OWNER/release_audit.json``; the init-regeneration attacker uses the key's W0 seed (``audit_seed`` only
+    for a v1 key without one) unless ``init_attack`` is False.
     """
+    from pmp_megatron.release import audit
+
     iteration = resolve_iteration(ckpt_root, iteration)
     cfg, common = checkpoint_config(ckpt_root, iteration)
-    if mask is not None and not Path(mask).is_file():  # fail before the conversion, not after it
-        raise ValueError(f"mask file {str(mask)!r} does not exist")
+    check_release_target(ckpt_root, out_dir)
+    owner = owner_dir_of(owner_dir, out_dir)
+    record = key_record(cfg, common)
+    seed = None
+    if mask is not None:  # fail before the conversion, not after it
+        from pmp_megatron.pmp import maskfile
+
+        if not Path(mask).is_file():
+            raise ValueError(f"mask file {str(mask)!r} does not exist")
+        masks, meta = maskfile.load(mask)
+        audit.check_key_fits(meta, record, f"checkpoint {str(ckpt_root)!r}")
+        audit.check_mask_names(masks, hf_shapes(cfg.model), f"mask file {str(mask)!r}")
+        del masks
+        if meta["w0_seed"] is not None and audit_seed is not None and audit_seed != meta["w0_seed"]:
+            raise ValueError(f"audit_seed is not the W0 seed in mask file {str(mask)!r}: drop it (the key's "
+                             f"seed is used)")
+        seed = meta["w0_seed"] if meta["w0_seed"] is not None else audit_seed
+        if init_attack and seed is None:
+            logger.warning("mask file %s holds no W0 seed (a v1 key) and no audit seed was given: the "
+                           "init-regeneration attacker does not run", mask)
     if tokenizer_model is None:
         tokenizer_model = cfg.data.tokenizer_model
         if tokenizer_model is None:
@@ -176,7 +218,7 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
     source = {
         "checkpoint": str(Path(ckpt_root).resolve()),
         "iteration": iteration,
-        "pmp_mode": common.get("pmp_mode"),
+        **record,
         "saved_layout": {"tensor_model_parallel_size": p.tensor_model_parallel_size,
                          "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
                          "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size},
@@ -184,14 +226,13 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
     stream = (pair for name, t in iter_canonical_tensors(ckpt_root, iteration)
               for pair in to_hf(name, t, cfg.model))
     out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=tokenizer_model,
-                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, owner_dir=owner)
     num = sum(math.prod(s) for s in canonical_shapes(cfg.model).values())
-    logger.info("released %s iteration %d (%d parameters, %s) to %s", ckpt_root, iteration, num, dtype, out)
+    logger.info("released %s iteration %d (%d parameters, %s) to %s; owner files in %s", ckpt_root, iteration,
+                num, dtype, out, owner)
     if mask is not None:
-        from pmp_megatron.release import audit
-
-        seed = (cfg.model.seed if audit_seed is None else audit_seed) if init_attack else None
-        model_cfg = None if seed is None else dataclasses.replace(cfg.model, seed=seed)
-        report = audit.audit_release(out, mask, model_cfg=model_cfg, warn_level=warn_level)
-        audit.write_report(report, out / AUDIT_FILE)
+        model_cfg = dataclasses.replace(cfg.model, seed=seed)
+        report = audit.audit_release(out, mask, model_cfg=model_cfg, warn_level=warn_level,
+                                     init_attack=init_attack and seed is not None, owner_dir=owner)
+        audit.write_report(report, owner / AUDIT_FILE)
     return out

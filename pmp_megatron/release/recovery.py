@@ -2,7 +2,7 @@
 
 The PMP complement (entries outside the mask) is never trained: it stays at ``W0`` (``complement:
 frozen``), or at ``c * W0`` with one scalar ``c`` -- decoupled weight decay multiplies every entry by the
-same ``1 - lr * wd`` each step and the projection rescales the whole complement by one factor. Three
+same ``1 - lr * wd`` each step and the projection rescales the whole complement by one factor. Four
 attackers exploit this:
 
 - ``recovery_global``: the entries with the largest ``|w|`` over the whole model (one exact global
@@ -16,6 +16,14 @@ attackers exploit this:
   the release dtype's rounding: 1e-4 fp32, 1e-2 bf16, 2e-3 fp16), or the global top-k of that relative
   residual at density rho (``init_rule: topk``). A tensor without a ratio cluster (every entry trained)
   is recovered as all True.
+- ``recovery_seed_guess``: ``recovery_init`` without being told the seed. It guesses W0 seeds
+  ``0..seed_guesses`` plus every integer ``seed:`` of the shipped ``configs/`` recipes (the attacker has the
+  repo), scores each guess by the correlation (Pearson, or of signs, whichever is larger) between a prefix
+  of one released tensor (layer 0's ``o_proj``) and that seed's W0 draw of it, and runs ``recovery_init``
+  with the best guess when its z-score (``sqrt(n) * correlation``) reaches ``SEED_FOUND_Z``. Otherwise
+  the seed was not found and it knows nothing beyond the density: its mask is a uniformly random one at
+  that density (IoU at chance). A secret 128-bit seed (the trainer's default) defeats it; a small public
+  seed does not.
 
 Density (for the |w| attackers): the suite's ``recovery.density`` (an attacker may assume the published
 rho), else an estimate: Otsu's threshold on a sample of ``log10 |w|`` (the shrunk complement and the
@@ -25,14 +33,17 @@ complement |w| is not bimodal and the estimate is unreliable -- then so is this 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 import torch
 
 from pmp_megatron.config import ModelConfig
-from pmp_megatron.model.w0 import w0_tensor
+from pmp_megatron.model.w0 import name_seed, w0_tensor
 from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
 
 logger = logging.getLogger(__name__)
@@ -40,6 +51,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
 MIN_CLUSTER_FRACTION = 0.01  # a ratio cluster smaller than this is no complement
 _FIT_SAMPLE = 1 << 20
+DEFAULT_SEED_GUESSES = 10_000
+SEED_FOUND_Z = 7.0  # a wrong seed's best z among ~1e4 guesses is ~4.5; P(z > 7) per guess ~1e-12
+_PROBE = ("decoder.layers.0.self_attention.linear_proj.weight", "model.layers.0.self_attn.o_proj.weight")
+_PROBE_MAX = 1 << 14
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
@@ -145,6 +161,8 @@ def recover_per_tensor(weights: Mapping[str, torch.Tensor], density: float) -> d
 
 def iter_w0(model_cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, W0) of every release tensor, regenerated from ``model_cfg.seed`` one at a time."""
+    if model_cfg.seed is None:
+        raise ValueError("regenerating W0 needs the init seed (model.seed is None)")
     for name, shape in canonical_shapes(model_cfg).items():
         yield from to_hf(name, w0_tensor(name, shape, model_cfg.seed, model_cfg.init_method_std), model_cfg)
 
@@ -212,16 +230,142 @@ def recover_init(weights: Mapping[str, torch.Tensor], w0: Iterable[tuple[str, to
     return masks, info
 
 
+def config_seeds(configs_dir: str | Path | None = None) -> list[int]:
+    """Every integer ``seed:`` value (at any depth) of the YAML recipes under ``configs_dir`` (default: the
+    repo's ``configs/``; none when it is absent) -- the seeds an attacker with the repo tries first."""
+    import yaml
+
+    root = Path(REPO_CONFIGS if configs_dir is None else configs_dir)
+    found: set[int] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "seed" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    found.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
+        try:
+            walk(yaml.safe_load(path.read_text()))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue
+    return sorted(found)
+
+
+def seed_candidates(num_guesses: int = DEFAULT_SEED_GUESSES,
+                    configs_dir: str | Path | None = None) -> list[int]:
+    """``0..num_guesses`` and the recipes' seeds, each once."""
+    return list(dict.fromkeys([*range(num_guesses + 1), *config_seeds(configs_dir)]))
+
+
+def probe_length(numel: int, limit: int = _PROBE_MAX) -> int:
+    """How many leading entries of a W0 draw of ``numel`` entries a draw of only that many reproduces:
+    torch fills normals 16 at a time and redraws the last 16 of a length that is no multiple of 16."""
+    usable = numel if numel % 16 == 0 else numel - 16
+    return max(0, min(limit, usable // 16 * 16))
+
+
+def probe_w0(seed: int, name: str, n: int) -> torch.Tensor:
+    """The first ``n`` entries (``probe_length``) of the flattened W0 of canonical ``name`` (unit std)."""
+    gen = torch.Generator().manual_seed(name_seed(seed, name))
+    return torch.empty(n).normal_(0.0, 1.0, generator=gen)
+
+
+def guess_seed(weights: Mapping[str, torch.Tensor], candidates: Iterable[int], batch: int = 256) -> dict:
+    """Score every candidate W0 seed against the released probe tensor; return the best guess:
+    ``{"seed", "z", "num_guesses"}`` (``z``: the correlation times sqrt(probe length))."""
+    canonical, hf = _PROBE
+    if hf not in weights:
+        raise ValueError(f"the seed-guessing attacker needs the release tensor {hf!r}")
+    w = weights[hf].detach().reshape(-1).float().cpu()
+    n = probe_length(w.numel())
+    if n < 256:
+        raise ValueError(f"release tensor {hf!r} is too small ({w.numel()} entries) to score seed guesses")
+    w = w[:n]
+    w_centred = (w - w.mean()) / ((w - w.mean()).norm() + 1e-30)  # [n]
+    w_sign = w.sign()  # [n]
+    draws = torch.empty(batch, n)  # [batch, n]
+    best = {"seed": None, "z": -math.inf, "num_guesses": 0}
+    chunk: list[int] = []
+
+    def score() -> None:
+        x = draws[: len(chunk)]
+        x_centred = x - x.mean(dim=1, keepdim=True)
+        pearson = (x_centred @ w_centred) / (x_centred.norm(dim=1) + 1e-30)  # [len(chunk)]
+        signs = (x.sign() @ w_sign) / n
+        z = math.sqrt(n) * torch.maximum(pearson, signs)
+        i = int(z.argmax())
+        if float(z[i]) > best["z"]:
+            best.update(seed=chunk[i], z=float(z[i]))
+        best["num_guesses"] += len(chunk)
+        chunk.clear()
+
+    for seed in candidates:
+        gen = torch.Generator().manual_seed(name_seed(seed, canonical))
+        draws[len(chunk)].normal_(0.0, 1.0, generator=gen)  # == probe_w0(seed, canonical, n)
+        chunk.append(seed)
+        if len(chunk) == batch:
+            score()
+    if chunk:
+        score()
+    return best
+
+
+def random_mask(weights: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """A uniformly random mask at ``density`` (what an attacker who knows only the density can do), drawn
+    from a generator seeded by the release's own bytes (deterministic, and independent of any seed of
+    ours)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    gen = torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") >> 1)
+    return {n: (torch.rand(w.shape, generator=gen) < density).to(w.device) for n, w in weights.items()}
+
+
+def recover_seed_guess(weights: Mapping[str, torch.Tensor], model_cfg: ModelConfig, tolerance: float,
+                       rule: str = "threshold", density: float | None = None,
+                       candidates: Iterable[int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Guess the W0 seed (``guess_seed``), then ``recover_init`` with it; a random mask at ``density``
+    (estimated when None) when no guess is significant. ``model_cfg`` gives W0's shapes and std (its seed
+    is ignored). Info: ``seed_found``, ``seed_z``, ``num_guesses`` -- never the seed."""
+    guess = guess_seed(weights, seed_candidates() if candidates is None else candidates)
+    info = {"seed_found": guess["z"] >= SEED_FOUND_Z, "seed_z": guess["z"],
+            "num_guesses": guess["num_guesses"]}
+    logger.info("seed guessing: best of %d guesses has z %.1f (found at z >= %.0f: %s)",
+                guess["num_guesses"], guess["z"], SEED_FOUND_Z, info["seed_found"])
+    if info["seed_found"]:
+        w0 = iter_w0(dataclasses.replace(model_cfg, seed=guess["seed"]))
+        masks, init_info = recover_init(weights, w0, tolerance, rule, density)
+        return masks, {**init_info, **info}
+    if density is None:
+        density = estimate_density(weights)
+        info["density_estimate"] = density
+    return random_mask(weights, density), info
+
+
 def recover(attacker: str, weights: Mapping[str, torch.Tensor], density: float | None = None,
             w0: Iterable[tuple[str, torch.Tensor]] | None = None, release_dtype: str = "float32",
-            init_rule: str = "threshold", init_tolerance: float | None = None) -> tuple[dict, dict]:
-    """Run one recovery attacker; returns (HF name -> bool mask, info)."""
+            init_rule: str = "threshold", init_tolerance: float | None = None,
+            model_cfg: ModelConfig | None = None, candidates: Iterable[int] | None = None
+            ) -> tuple[dict, dict]:
+    """Run one recovery attacker; returns (HF name -> bool mask, info). ``recovery_init`` needs ``w0``;
+    ``recovery_seed_guess`` needs ``model_cfg`` (the release's architecture and init std)."""
     info: dict = {}
+    tol = init_tolerance if init_tolerance is not None else DEFAULT_TOLERANCE.get(release_dtype, 1e-2)
     if attacker == "recovery_init":
         if w0 is None:
             raise ValueError("recovery_init needs the regenerated W0 (the init seed and model config)")
-        tol = init_tolerance if init_tolerance is not None else DEFAULT_TOLERANCE.get(release_dtype, 1e-2)
         masks, info = recover_init(weights, w0, tol, init_rule, density)
+        info["tolerance"] = tol
+    elif attacker == "recovery_seed_guess":
+        if model_cfg is None:
+            raise ValueError("recovery_seed_guess needs the release's model config (shapes, init std)")
+        masks, info = recover_seed_guess(weights, model_cfg, tol, init_rule, density, candidates)
         info["tolerance"] = tol
     elif attacker in ("recovery_global", "recovery_per_tensor"):
         if density is None:

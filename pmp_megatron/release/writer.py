@@ -7,9 +7,13 @@ naming the tensor. Tensors are cast to the release dtype and buffered one shard 
 (``max_shard_bytes``), so peak memory is about one shard. The directory is assembled beside ``out_dir``
 and renamed into place, so a reader never sees a half-written release.
 
-Layout: ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``),
-``config.json``, ``generation_config.json``, tokenizer files, and ``release_manifest.json`` listing every
-tensor with shape, dtype, file and the sha256 of its bytes as written, plus the ``source`` record.
+The release directory holds PUBLIC files only (``PUBLIC_FILES``): ``model.safetensors`` (or
+``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``), ``config.json``,
+``generation_config.json`` and the tokenizer files. The ``release_manifest.json`` -- every tensor with
+shape, dtype, file and the sha256 of its bytes, the file hashes, and the ``source`` record (the owner's
+checkpoint path, pmp mode, layout) -- goes to the OWNER's directory (``owner_dir``, default the sibling
+``<out>.owner/``, mode 0700), never into the release. ``overwrite`` never replaces a directory that holds
+a private key file, nor one that holds the owner directory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -25,12 +30,49 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.config import ModelConfig
+from pmp_megatron.pmp.maskfile import is_key_file
 from pmp_megatron.release import tokenizer as hf_tokenizer
 from pmp_megatron.release.hf_llama import hf_config, hf_shapes, torch_dtype
 
-MANIFEST = "release_manifest.json"
-FORMAT = "pmp_megatron.release/1"
+MANIFEST = "release_manifest.json"  # in the owner directory, never in the release
+FORMAT = "pmp_megatron.release/2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+PUBLIC_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
+
+
+def is_public_file(name: str) -> bool:
+    """Whether a file name may sit in a release directory: weights, index, configs, tokenizer."""
+    return name in PUBLIC_FILES or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def default_owner_dir(out_dir: str | Path) -> Path:
+    """The owner's directory of a release when none is given: the sibling ``<out>.owner``."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.with_name(out_dir.name + ".owner")
+
+
+def owner_dir_of(owner_dir: str | Path | None, out_dir: str | Path) -> Path:
+    """The owner directory of release ``out_dir`` (default ``<out>.owner``), resolved; ValueError if it is,
+    or is inside, the release directory (it would be published, or deleted by an overwrite)."""
+    out_dir = Path(out_dir).resolve()
+    owner = default_owner_dir(out_dir) if owner_dir is None else Path(owner_dir).resolve()
+    if owner.is_relative_to(out_dir):
+        raise ValueError(f"owner directory {str(owner)!r} is inside the release directory {str(out_dir)!r}: "
+                         f"the owner's files must stay out of the release")
+    if owner.exists() and not owner.is_dir():
+        raise ValueError(f"owner directory {str(owner)!r} exists and is not a directory")
+    return owner
+
+
+def prepare_owner_dir(owner_dir: str | Path | None, out_dir: str | Path) -> Path:
+    """``owner_dir_of``, created with mode 0700 if it does not exist."""
+    owner = owner_dir_of(owner_dir, out_dir)
+    if not owner.exists():
+        owner.mkdir(mode=0o700, parents=True)
+        owner.chmod(0o700)  # exactly 0700 whatever the umask
+    return owner
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -38,7 +80,8 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -83,22 +126,40 @@ class _ShardWriter:
         return where
 
 
+def private_files(directory: Path) -> list[Path]:
+    """The private key files (``*.safetensors`` with a ``pmp-mask`` format) anywhere under ``directory``
+    (symlinks are not followed)."""
+    found = []
+    for root, _, files in os.walk(directory):
+        found += [Path(root) / f for f in files if f.endswith(".safetensors") and is_key_file(Path(root) / f)]
+    return sorted(found)
+
+
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"release output {str(out_dir)!r} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"release output {str(out_dir)!r} is not empty (pass overwrite=True to replace it)")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"release output {str(out_dir)!r} is not empty (pass overwrite=True to replace "
+                             f"it)")
+        keys = private_files(out_dir)
+        if keys:
+            raise ValueError(f"release output {str(out_dir)!r} holds a private key file {str(keys[0])!r}: "
+                             f"refusing to replace it (choose another --out)")
 
 
 def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, model_cfg: ModelConfig,
                   dtype: str, source: dict, tokenizer_model: str | None = None,
-                  max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
-    """Consume (HF name, tensor) pairs and write the release directory ``out_dir``; return its path."""
+                  max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                  owner_dir: str | Path | None = None) -> Path:
+    """Consume (HF name, tensor) pairs and write the release directory ``out_dir``; return its path. The
+    manifest (with ``source``) goes to ``owner_dir`` (default ``<out>.owner``, mode 0700)."""
     out_dir = Path(out_dir).resolve()
     cast = torch_dtype(dtype)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     _check_target(out_dir, overwrite)
+    owner = owner_dir_of(owner_dir, out_dir)  # checked before any work, created once the release is written
     bos, eos = 1, 2
     if tokenizer_model is not None:
         ids = hf_tokenizer.special_token_ids(tokenizer_model)
@@ -154,13 +215,16 @@ def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Pa
             "num_parameters": sum(math.prod(s) for s in expected.values()),
             "source": source,
             "tensors": {n: records[n] for n in expected},
-            "files": {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        stray = [p.name for p in tmp.iterdir() if not is_public_file(p.name)]
+        assert not stray, f"non-public files in a release: {stray}"
         _swap_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_text_atomic(prepare_owner_dir(owner, out_dir) / MANIFEST,
+                      json.dumps(manifest, indent=2, default=str) + "\n", mode=0o600)
     return out_dir
 
 

@@ -76,7 +76,7 @@ def _release_and_logits(config_path, overrides, world_size, out_dir, tokenizer_m
     from pmp_megatron.release import to_hf, write_release
     from pmp_megatron.testing import synthetic_batches
 
-    cfg = load_config(config_path, ["pmp.mode=dense", *overrides], world_size=world_size)
+    cfg = load_config(config_path, ["pmp.mode=dense", "model.seed=42", *overrides], world_size=world_size)
     p = cfg.parallel
     mcore.setup_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                          p.virtual_pipeline_model_parallel_size, rng_seed=cfg.train.seed)
@@ -141,7 +141,10 @@ def test_release_logits_match_ours(layout, tmp_path, monkeypatch):
     out = tmp_path / "release"
     diff = _run_and_compare(str(REPO / "configs" / "model" / "debug.yaml"), overrides, world, out, sp_model)
     assert diff <= ATOL, f"{layout}: max |logits diff| {diff:.3g}"
-    manifest = json.loads((out / "release_manifest.json").read_text())
+    from pmp_megatron.release.writer import MANIFEST, default_owner_dir, is_public_file
+
+    assert all(is_public_file(p.name) for p in out.iterdir()) and not (out / MANIFEST).exists()
+    manifest = json.loads((default_owner_dir(out) / MANIFEST).read_text())  # the owner's, beside the release
     assert manifest["source"]["world_size"] == world
     assert not any("mask" in name for name in manifest["tensors"])
     if sp_model is not None:  # the tokenizer loads offline and encodes like sentencepiece

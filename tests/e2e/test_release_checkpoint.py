@@ -1,8 +1,9 @@
 """`pmp-release` on real checkpoints made by `pmp-pretrain` (2 processes each): a PMP run with projection at
 TP=2 and a dense run at PP=2 with virtual stages. The release, read in one process without the original
 world, loads in transformers with our engine's logits of the same checkpoint; it holds exactly the HF
-Llama tensors and no mask; the manifest names the checkpoint and iteration; the leakage audit runs on the
-PMP release with the exported mask; HF -> megatron -> HF is bit-identical; bad inputs raise by name."""
+Llama tensors, no mask and public files only; the owner's manifest (in ``<out>.owner``) names the checkpoint
+and iteration; the leakage audit runs on the PMP release with the exported key (its W0 seed) and writes to
+the owner directory; HF -> megatron -> HF is bit-identical; bad inputs raise by name."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pmp_megatron.release.writer import MANIFEST, default_owner_dir, is_public_file
 from pmp_megatron.testing import DEBUG_MODEL, spawn
 
 ATOL = 1e-5
@@ -92,7 +94,7 @@ def _our_logits(root, tokens, iteration=None):
     mcore.init_distributed()
     iteration = checkpoint.latest_valid(root) if iteration is None else iteration
     cfg = single_process_config(checkpoint.read_common(root, iteration))
-    mcore.init_model_parallel(1, 1, None, cfg.model.seed)
+    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a secret W0 seed is 128-bit)
     chunks = build_model(cfg)
     checkpoint.load(root, iteration, chunks, None, cfg)
     chunks[0].eval()
@@ -143,7 +145,8 @@ def test_release_logits_match_our_engine(layout, checkpoints, releases, monkeypa
     names = set(_safetensors(out))
     assert names == set(hf_names(_model_cfg(run_dir)))  # nothing outside the HF Llama parameters
     assert not [p.name for p in out.rglob("*") if "mask" in p.name.lower()]
-    manifest = json.loads((out / "release_manifest.json").read_text())
+    assert all(is_public_file(p.name) for p in out.iterdir()), sorted(p.name for p in out.iterdir())
+    manifest = json.loads((default_owner_dir(out) / MANIFEST).read_text())
     assert manifest["source"]["checkpoint"] == str(Path(run_dir).resolve())
     assert manifest["source"]["iteration"] == iteration == 2
     assert set(manifest["tensors"]) == names
@@ -151,33 +154,39 @@ def test_release_logits_match_our_engine(layout, checkpoints, releases, monkeypa
 
 @pytest.mark.e2e
 def test_audit_of_the_pmp_release(checkpoints, tmp_path):
+    from pmp_megatron.pmp import maskfile
+    from pmp_megatron.release.from_checkpoint import AUDIT_FILE
+
     run_dir = checkpoints["tp2_pmp"]
     mask = tmp_path / "private" / "mask.safetensors"
     subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "export-mask", "--checkpoint", str(run_dir),
                     "--out", str(mask)], check=True, capture_output=True)
+    seed = maskfile.load(mask)[1]["w0_seed"]
+    assert seed is not None  # the key holds the run's W0 seed
     out = tmp_path / "release"
     proc = _cli("--checkpoint", run_dir, "--out", out, "--mask", mask)
     print(proc.stdout)
     assert "| recovery_global |" in proc.stdout and "| recovery_init |" in proc.stdout
-    report = json.loads((out / "release_audit.json").read_text())
-    for attacker in ("recovery_global", "recovery_per_tensor", "recovery_init"):
+    assert not (out / AUDIT_FILE).exists() and all(is_public_file(p.name) for p in out.iterdir())
+    report = json.loads((default_owner_dir(out) / AUDIT_FILE).read_text())
+    for attacker in ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess"):
         iou = report["attackers"][attacker]["iou"]
         assert 0.0 <= iou["overall"] <= 1.0 and {"embed", "q", "down", "norms", "lm_head"} <= set(iou)
-    # The seed is in the checkpoint's config: W0 regenerates and every masked-in entry left it.
+    # The seed is in the key: W0 regenerates and every masked-in entry left it.
     assert report["attackers"]["recovery_init"]["iou"]["overall"] > 0.99
     assert report["warning"] and "WARNING: MASK LEAK" in proc.stdout
-    assert "sha256" not in json.dumps(report) and str(mask) not in json.dumps(report)
-    manifest = json.loads((out / "release_manifest.json").read_text())
-    assert "release_audit.json" not in manifest["files"] and "release_audit.json" not in manifest["tensors"]
+    text = json.dumps(report)
+    assert "sha256" not in text and str(mask) not in text
+    if seed >= 1 << 64:  # a secret seed (drawn by the trainer): never written, and guessing finds nothing
+        assert str(seed) not in text + proc.stdout + proc.stderr
+        assert not report["attackers"]["recovery_seed_guess"]["seed_found"]
     assert not [p.name for p in out.rglob("*") if "mask" in p.name.lower()]
 
-    # Auditing the existing release gives the same numbers; without the seed no init attacker runs.
-    again = _cli("--audit", "--model", out, "--mask", mask, "--seed", 42, "--model-config", DEBUG_MODEL)
+    # Auditing the existing release gives the same numbers, with the seed from the key.
+    again = _cli("--audit", "--model", out, "--mask", mask)
     assert "| recovery_init | 1.0000 |" in again.stdout or "| recovery_init | 0.99" in again.stdout
-    no_seed = _cli("--audit", "--model", out, "--mask", mask, "--warn-level", 1.0)
-    assert "recovery_init" not in no_seed.stdout and "WARNING" not in no_seed.stdout
     no_init = _cli("--checkpoint", run_dir, "--out", tmp_path / "r2", "--mask", mask, "--no-init-attack")
-    assert "recovery_init" not in no_init.stdout
+    assert "| recovery_init |" not in no_init.stdout
 
 
 def _to_megatron(hf_dir, out_dir):
@@ -204,7 +213,7 @@ def test_hf_to_megatron_to_hf_is_bit_identical(releases, tmp_path):
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
-    tensors = lambda d: json.loads((d / "release_manifest.json").read_text())["tensors"]  # noqa: E731
+    tensors = lambda d: json.loads((default_owner_dir(d) / MANIFEST).read_text())["tensors"]  # noqa: E731
     assert tensors(hf_dir) == tensors(out)  # sha256 of every tensor's bytes, shapes, files
     assert (out / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
 

@@ -1,9 +1,11 @@
 """The Megatron <-> HF Llama adapter and the release writer: bit-identical round trips (in memory and
 through files), the per-group QKV layout, the writer's refusals (masks, extra, missing, duplicate and
-non-float tensors), sharding, the manifest hashes, and the tokenizer files loading offline."""
+non-float tensors), sharding, the manifest hashes (in the owner directory: the release holds public files
+only), overwrite never replacing a key file, and the tokenizer files loading offline."""
 
 import hashlib
 import json
+import stat
 import struct
 
 import pytest
@@ -11,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from pmp_megatron.config import load_config
+from pmp_megatron.release import writer
 from pmp_megatron.release.hf_llama import canonical_shapes, from_hf, hf_config, hf_names, hf_shapes, to_hf
-from pmp_megatron.release.writer import MANIFEST, tensor_sha256, write_release
+from pmp_megatron.release.writer import MANIFEST, default_owner_dir, tensor_sha256, write_release
 from pmp_megatron.testing import REPO, debug_config, tiny_sentencepiece
 
 TINYLLAMA = REPO / "configs" / "model" / "tinyllama-1.1b.yaml"
@@ -181,7 +184,11 @@ def test_writer_shards_index_and_manifest(tmp_path, debug_release):
     assert sorted(index["weight_map"]) == sorted(hf_names(m))
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in hf.values())
     assert not (out / "model.safetensors").exists()
-    manifest = json.loads((out / MANIFEST).read_text())
+    assert all(writer.is_public_file(p.name) for p in out.iterdir()) and not (out / MANIFEST).exists()
+    owner = default_owner_dir(out)
+    assert owner == tmp_path / "rel.owner" and stat.S_IMODE(owner.stat().st_mode) == 0o700
+    assert stat.S_IMODE((owner / MANIFEST).stat().st_mode) == 0o600
+    manifest = json.loads((owner / MANIFEST).read_text())
     assert manifest["source"] == {"iteration": 7}
     assert list(manifest["tensors"]) == hf_names(m)
     raw = {}
@@ -211,7 +218,7 @@ def test_round_trip_through_files(tmp_path, debug_release, dtype):
     for name, t in loaded.items():
         assert torch.equal(again[name], t), name
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((default_owner_dir(out) / MANIFEST).read_text())
     for name, blob in _safetensors_raw(out / "model.safetensors").items():
         assert manifest["tensors"][name]["sha256"] == hashlib.sha256(blob).hexdigest(), name
 
@@ -226,7 +233,25 @@ def test_writer_never_overwrites_by_accident(tmp_path, debug_release):
     assert (out / "keep.txt").exists()
     write_release(hf.items(), out, m, "float32", source={}, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel", "rel.owner"]
+
+
+def test_overwrite_never_replaces_a_key_file_or_the_owner_dir(tmp_path, debug_release):
+    """``pmp-release --out owner --overwrite`` used to delete whatever ``owner`` held, the private key
+    included. A directory holding a key file (at any depth) is refused by name, nothing deleted."""
+    from pmp_megatron.pmp import maskfile
+
+    m, _, hf = debug_release
+    out = tmp_path / "owner"
+    key = out / "private" / "key.safetensors"
+    maskfile.save({"model.norm.weight": torch.ones(4, dtype=torch.bool)}, key, rho=0.5, w0_seed=3)
+    with pytest.raises(ValueError, match="holds a private key file .*key.safetensors"):
+        write_release(hf.items(), out, m, "float32", source={}, overwrite=True)
+    assert maskfile.load(key)[1]["w0_seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owner"]  # no release, no owner dir, no temp
+    with pytest.raises(ValueError, match="owner directory .* is inside the release directory"):
+        write_release(hf.items(), tmp_path / "rel", m, "float32", source={}, owner_dir=tmp_path / "rel" / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owner"]
 
 
 def test_tokenizer_files_load_offline_and_encode_like_sentencepiece(tmp_path, debug_release, monkeypatch):
