@@ -7,7 +7,9 @@ Attackers:
   before clipping (like Stage II), AND copies the complement's original values back after every
   optimizer step, so it stays bit-exact under decoupled weight decay (AdamW, Lion), Adafactor and SGD
   momentum alike. Tensors without any masked-in entry are frozen outright.
-- ``recovery_*``: like ``authorized`` with the mask recovered from the release (``release.recovery``).
+- ``recovery_*``: like ``authorized`` with the mask recovered from the release (``release.recovery``);
+  ``recovery_init`` regenerates W0 from the init seed (the owner's key holds it), ``recovery_seed_guess``
+  guesses the seed.
 
 LoRA with a mask (authorized / recovery) masks the MERGED delta: each adapted linear computes
 ``base(x) + dropout(x) @ (M * (B A) * scale)^T``, so the effective weight ``W + M * dB A`` changes only
@@ -26,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 import time
@@ -42,8 +43,9 @@ from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
 from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.release import recovery
-from pmp_megatron.release.audit import check_mask_names, weight_shapes
+from pmp_megatron.release.audit import check_mask_names, model_config_for_audit, weight_shapes
 from pmp_megatron.release.reader import check_model_dir, read_config, release_dtype
+from pmp_megatron.release.writer import TOKENIZER_FILES, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +72,34 @@ def set_trained_state_hook(fn: Callable[[Cell, dict[str, torch.Tensor]], None] |
 
 
 def model_identity(model_dir: str | Path) -> str:
-    """A content hash of a release: its manifest's tensor hashes if present, else its weight files."""
+    """A content hash of a release, computed afresh from the files every time (no manifest, no cache: new
+    weights under an old manifest are a new model): the sha256 of every ``*.safetensors`` in name order,
+    ``config.json`` and the tokenizer files present (they fix the task data), each with its name."""
     model_dir = check_model_dir(model_dir)
+    files = [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json",
+             *(model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file())]
     h = hashlib.sha256()
-    manifest = model_dir / "release_manifest.json"
-    if manifest.is_file():
-        h.update(json.dumps(json.loads(manifest.read_text())["tensors"], sort_keys=True).encode())
-    else:
-        for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-    h.update((model_dir / "config.json").read_bytes())
+    for path in files:
+        h.update(f"{path.name}\0{file_sha256(path)}\0".encode())
     return h.hexdigest()[:16]
+
+
+def regen_config_from_key(model_dir: str | Path, mask: str | None = None, seed: int | None = None,
+                 model_config: str | None = None) -> ModelConfig | None:
+    """The init config for ``recovery_init``: the release's architecture (``model_config`` YAML, else
+    config.json) with the W0 seed of the owner's key ``mask`` (a v2 key holds it), else the explicitly
+    given ``seed`` (an attacker who knows a public seed); None when neither. A ``seed`` that contradicts
+    the key's is refused."""
+    key_seed = None if mask is None else load_true_mask(mask)[1]["w0_seed"]
+    if key_seed is not None and seed is not None and seed != key_seed:
+        raise ValueError(f"the given regeneration seed is not the W0 seed in mask file {mask}: drop it (the "
+                         f"key's seed is used)")
+    chosen = key_seed if key_seed is not None else seed
+    if chosen is None:
+        if model_config:
+            raise ValueError("--model-config is only used with a seed (a v2 key or --seed-for-regeneration)")
+        return None
+    return model_config_for_audit(model_dir, chosen, model_config)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,8 +119,15 @@ def load_model(model_dir: str | Path, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-@functools.lru_cache(maxsize=2)
 def load_true_mask(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The owner's key file (masks, metadata); cached while the file is unchanged (path, inode, size,
+    mtime), so a key replaced at the same path is read again."""
+    st = Path(path).stat()
+    return _load_key(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_key(path: str, inode: int, size: int, mtime_ns: int) -> tuple[dict[str, torch.Tensor], dict]:
     from pmp_megatron.pmp import maskfile
 
     return maskfile.load(path)
@@ -141,15 +165,18 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
     if key not in _RECOVERED:
         start = time.time()
         weights = {n: p.detach() for n, p in model.named_parameters()}
-        w0 = None
+        w0 = arch = candidates = None
         if cell.attacker == "recovery_init":
             if ctx.regen_config is None:
-                raise ValueError("attacker 'recovery_init' needs --seed-for-regeneration (and the model "
-                                 "config)")
+                raise ValueError("attacker 'recovery_init' needs the init seed (the owner's key via --mask, "
+                                 "or --seed-for-regeneration) and the model config")
             w0 = recovery.iter_w0(ctx.regen_config)
+        if cell.attacker == "recovery_seed_guess":
+            arch = ctx.regen_config or model_config_for_audit(ctx.models[cell.role], None)
+            candidates = recovery.seed_candidates(spec.seed_guesses)
         dtype = release_dtype(read_config(ctx.models[cell.role]))
         masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, dtype, spec.init_rule,
-                                       spec.init_tolerance)
+                                       spec.init_tolerance, model_cfg=arch, candidates=candidates)
         info["recovery_s"] = round(time.time() - start, 3)
         if true is not None:
             info["iou"] = recovery.iou(masks, true)

@@ -11,8 +11,9 @@ A suite file (see ``configs/attacks/smoke.yaml`` and ``full.yaml``)::
     eval_batch_size: 8
     eval_every: 100            # task loss checkpoints along the way (0: before/after only)
     seeds: [0, 1]
-    attackers: [unauthorized, authorized, recovery_global, recovery_per_tensor, recovery_init]
-    recovery: {density: null, init_rule: threshold, init_tolerance: null}
+    attackers: [unauthorized, authorized, recovery_global, recovery_per_tensor, recovery_init,
+                recovery_seed_guess]
+    recovery: {density: null, init_rule: threshold, init_tolerance: null, seed_guesses: 10000}
     adversaries:               # groups; every list-valued field of a group is a grid axis
       - method: full
         optimizer: [adamw, lion]
@@ -49,8 +50,9 @@ import yaml
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "cosine", "linear")
-ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init")
-RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init")
+ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init",
+             "recovery_seed_guess")
+RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess")
 DENSE_ATTACKERS = ("unauthorized",)
 INIT_RULES = ("threshold", "topk")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -111,6 +113,7 @@ class RecoverySpec:
     density: float | None = None  # assumed kept fraction (e.g. a published rho); None: estimate it
     init_rule: str = "threshold"  # recovery_init: relative-residual threshold, or global top-k at density
     init_tolerance: float | None = None  # relative residual counted as "moved"; None: by release dtype
+    seed_guesses: int = 10_000  # recovery_seed_guess: W0 seeds 0..N tried (plus the repo's recipe seeds)
 
 
 @dataclass
@@ -301,7 +304,9 @@ def suite_from_dict(data: dict) -> Suite:
         density=None if density is None else float(density),
         init_rule=_choice(rec.get("init_rule", "threshold"), INIT_RULES, "suite.recovery.init_rule"),
         init_tolerance=None if tol is None else _number(tol, "suite.recovery.init_tolerance", float, 0.0,
-                                                        strict=True))
+                                                        strict=True),
+        seed_guesses=_number(rec.get("seed_guesses", RecoverySpec.seed_guesses),
+                             "suite.recovery.seed_guesses", int, 0))
     groups = data.get("adversaries") or []
     if not isinstance(groups, list) or not groups:
         raise ValueError("suite.adversaries must be a non-empty list of adversary groups")
@@ -356,8 +361,8 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
         raise ValueError("attacker 'authorized' needs the owner's mask (--mask FILE), or drop it with "
                          "--attackers")
     if "recovery_init" in chosen and regen_id is None:
-        raise ValueError("attacker 'recovery_init' needs the init seed (--seed-for-regeneration N), or drop "
-                         "it with --attackers")
+        raise ValueError("attacker 'recovery_init' needs the init seed (the owner's key via --mask, or "
+                         "--seed-for-regeneration N), or drop it with --attackers")
     settings = suite.settings()
     cells = []
     for role in ("pmp", "dense"):
@@ -370,8 +375,9 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
                        "task": dataclasses.asdict(task), "seed": seed, "settings": settings}
             if attacker == "authorized":
                 payload["mask"] = mask_sha256
-            if attacker in RECOVERY_ATTACKERS:
-                payload["recovery"] = dataclasses.asdict(suite.recovery)
+            if attacker in RECOVERY_ATTACKERS:  # seed_guesses enters only its attacker's ids (older ids stay)
+                payload["recovery"] = {k: v for k, v in dataclasses.asdict(suite.recovery).items()
+                                       if k != "seed_guesses" or attacker == "recovery_seed_guess"}
             if attacker == "recovery_init":
                 payload["regen"] = regen_id
             cells.append(Cell(role, attacker, adv, task, seed, _cell_id(payload)))

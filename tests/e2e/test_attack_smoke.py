@@ -47,7 +47,7 @@ def releases(tmp_path_factory):
     for role, weights in (("pmp", pmp), ("dense", dense)):
         dirs[role] = write_release(weights.items(), tmp / role, cfg, "float32", {"test": role}, str(tok))
     mask_path = tmp / "mask.safetensors"
-    maskfile.save(masks, mask_path, rho=RHO)
+    maskfile.save(masks, mask_path, rho=RHO, w0_seed=SEED)  # the key holds the W0 seed
     model_yaml = tmp / "model.yaml"
     model_yaml.write_text("model:\n" + "".join(
         f"  {k}: {getattr(cfg, k)}\n" for k in ("num_layers", "hidden_size", "num_attention_heads",

@@ -1,6 +1,8 @@
 """Attack suite, fast: YAML validation (unknown keys named), grid sizes, log-spaced lrs, stable cell ids,
 resumable skipping (sequential and a submitit debug array), the report's numbers on hand-made results,
-mask recovery on synthetic tensors, and the authorized complement guard under every optimizer."""
+mask recovery on synthetic tensors, and the authorized complement guard under every optimizer; a release's
+identity is its content (not a manifest), the regeneration seed comes from the owner's key, and the
+seed-guessing attacker runs as a cell attacker."""
 
 import copy
 import json
@@ -346,3 +348,79 @@ def test_bad_inputs_are_named(tmp_path):
     maskfile.save(wrong_shape, tmp_path / "m2", rho=0.5)
     with pytest.raises(ValueError, match="'a.weight' has shape"):
         cli._check_mask_file(str(tmp_path / "m2"), release)
+
+
+# ----------------------------------------------------------------------------- release identity and the key
+
+
+def _tiny_release(tmp_path, name, seed=7, shift=0.0):
+    """A PMP-like release of the tiny model (complement 0.01 W0 of ``seed``) and its true mask."""
+    from pmp_megatron.release.writer import write_release
+
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=64, seed=seed)
+    gen = torch.Generator().manual_seed(2)
+    weights, true = {}, {}
+    for n, w0 in recovery.iter_w0(cfg):
+        true[n] = torch.rand(w0.shape, generator=gen) < 0.5
+        weights[n] = torch.where(true[n], w0 + 0.02 * torch.randn(w0.shape, generator=gen) + shift, 0.01 * w0)
+    return write_release(weights.items(), tmp_path / name, cfg, "float32", {"run": name}), true
+
+
+def test_new_weights_under_an_old_manifest_are_a_new_model(tmp_path):
+    """The identity came from ``release_manifest.json`` when present: weights replaced under the old manifest
+    kept the old identity, so every cell read as done (0 pending) though nothing had run on them."""
+    from pmp_megatron.attack.runner import model_identity
+
+    old, _ = _tiny_release(tmp_path, "old")
+    new, _ = _tiny_release(tmp_path, "new", shift=1e-3)
+    for release, owner in ((old, tmp_path / "old.owner"), (new, tmp_path / "old.owner")):
+        (release / "release_manifest.json").write_bytes((owner / "release_manifest.json").read_bytes())
+    assert model_identity(old) == model_identity(old)  # stable
+    assert model_identity(new) != model_identity(old)
+    suite = _small(attackers=["unauthorized"])
+    done = expand_cells(suite, {"pmp": model_identity(old)})
+    results = tmp_path / "results.jsonl"
+    for cell in done:
+        execute.append_record(results, {"id": cell.id, "status": "ok"})
+    pending = execute.pending_cells(expand_cells(suite, {"pmp": model_identity(new)}), results)
+    assert len(pending) == len(done) > 0
+    before, config = model_identity(new), new / "config.json"  # a config change is a new model too
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06'))
+    assert model_identity(new) != before
+
+
+def test_regeneration_seed_comes_from_the_key(tmp_path):
+    from pmp_megatron.attack.runner import load_true_mask, regen_config_from_key
+    from pmp_megatron.pmp import maskfile
+
+    release, true = _tiny_release(tmp_path, "rel")
+    key = tmp_path / "key.safetensors"
+    maskfile.save(true, key, rho=0.5, w0_seed=7)
+    assert regen_config_from_key(release, str(key)).seed == 7
+    assert regen_config_from_key(release, str(key), seed=7).seed == 7
+    with pytest.raises(ValueError, match="not the W0 seed in mask file"):
+        regen_config_from_key(release, str(key), seed=8)
+    assert regen_config_from_key(release, None) is None
+    assert regen_config_from_key(release, None, seed=9).seed == 9  # an attacker who knows a public seed
+    maskfile.save(true, key, rho=0.5, w0_seed=11, force=True)  # a key replaced at the same path is re-read
+    assert load_true_mask(str(key))[1]["w0_seed"] == 11
+    assert regen_config_from_key(release, str(key)).seed == 11
+
+
+def test_seed_guessing_attacker_runs_as_a_cell_attacker(tmp_path):
+    from pmp_megatron.attack.runner import AttackContext, attacker_mask, load_model, model_identity
+    from pmp_megatron.pmp import maskfile
+
+    release, true = _tiny_release(tmp_path, "rel")
+    key = tmp_path / "key.safetensors"
+    maskfile.save(true, key, rho=0.5, w0_seed=7)
+    suite = _small(attackers=["recovery_seed_guess"], recovery={"seed_guesses": 50})
+    ids = {"pmp": model_identity(release)}
+    cells = expand_cells(suite, ids)
+    assert {c.attacker for c in cells} == {"recovery_seed_guess"}
+    assert expand_cells(_small(attackers=["recovery_seed_guess"], recovery={"seed_guesses": 49}), ids)[0].id \
+        != cells[0].id
+    ctx = AttackContext(suite=suite, models={"pmp": str(release)}, model_ids=ids, mask_path=str(key))
+    masks, info = attacker_mask(cells[0], ctx, load_model(release, torch.device("cpu")))
+    assert info["seed_found"] and info["iou"] > 0.99 and recovery.iou(masks, true) > 0.99
