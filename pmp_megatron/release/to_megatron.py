@@ -5,7 +5,9 @@ The reverse of ``pmp-release``: the HF tensors are merged back to canonical mega
 built in this one process (padded vocabulary rows zero) and saved with ``train.checkpoint.save``. The
 common state mirrors what ``Trainer._save`` writes for iteration 0: the run's ``config``, a fresh LR
 ``scheduler`` state, ``consumed_samples`` 0, ``pmp_mode``, ``has_masks`` False, ``iteration`` 0; there is
-no optimizer state.
+no optimizer state. A config without ``model.seed`` (the default) gets a secret 128-bit W0 seed, like a
+run the Trainer starts: kept in the checkpoint's common state only (``w0_seed_secret``), ``config.yaml``
+says null.
 
 Being a dist checkpoint it loads at any layout with ``train.checkpoint.load`` (weights resharded), and
 ``pmp-release`` turns it back into the same HF tensors bit for bit. ``checkpoint.load`` asks no
@@ -19,7 +21,9 @@ otherwise).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import secrets
 import shutil
 from pathlib import Path
 
@@ -74,6 +78,10 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
     cfg = copy.deepcopy(config)
     cfg.parallel = ParallelConfig()  # TP=PP=1, no virtual stages: the layout this checkpoint is saved at
     cfg.validate()
+    public = copy.deepcopy(cfg)  # what config.yaml may say
+    secret = cfg.model.seed is None
+    if secret:  # the checkpoint's W0 seed (a rewind goes there): secret, as the Trainer draws one
+        cfg.model = dataclasses.replace(cfg.model, seed=secrets.randbits(128))
     canonical = from_hf(tensors, cfg.model)  # validates names and shapes against the architecture
     del tensors
 
@@ -81,7 +89,7 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
     if dist.get_world_size() != 1:
         raise ValueError(f"to_megatron runs in one process, got a world of {dist.get_world_size()}")
     _prepare_target(root, overwrite)
-    mcore.init_model_parallel(1, 1, None, cfg.model.seed)
+    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
     chunks = build_model(cfg)
     for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
         full = canonical.pop(name)
@@ -90,8 +98,8 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
 
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # the schedule's state only
     common = dict(scheduler=build_scheduler(dummy, cfg).state_dict(), config=config_to_dict(cfg),
-                  consumed_samples=0, pmp_mode=cfg.pmp.mode)
+                  consumed_samples=0, pmp_mode=cfg.pmp.mode, w0_seed_secret=secret)
     folder = checkpoint.save(root, 0, chunks, None, cfg, common)
-    save_config(cfg, root / "config.yaml")
+    save_config(public, root / "config.yaml")
     logger.info("converted %s to the megatron checkpoint %s (TP=1, PP=1)", hf_dir, folder)
     return folder

@@ -3,7 +3,8 @@ checkpoints (the debug model at W0, one PMP with random masks and a secret 128-b
 the release directory holds public files only (the manifest and audit go to ``<out>.owner/``, mode 0700,
 with no seed), an ``--out`` that is, contains or lies inside the checkpoint -- or holds a key file -- is
 refused with nothing deleted, a dense checkpoint with ``--mask`` and the key of another run are refused,
-and the key carries the checkpoint's seed, which the audit uses."""
+the key carries the checkpoint's seed, which the audit uses, and an HF import without a seed gets a
+secret one kept out of its config.yaml."""
 
 import json
 import secrets
@@ -144,3 +145,30 @@ def test_dense_checkpoint_or_another_runs_key_with_mask_is_refused(runs, tmp_pat
                            {"mask": str(other), "tokenizer_model": None})
     assert result.startswith("ValueError") and "key of another run" in result, result
     assert not (tmp_path / "d").exists() and not (tmp_path / "p").exists()
+
+
+def _common(root: str) -> dict:
+    from pmp_megatron import mcore
+    from pmp_megatron.train import checkpoint
+
+    mcore.init_distributed()
+    return checkpoint.read_common(root, checkpoint.latest_valid(root))
+
+
+def test_hf_import_gets_a_secret_seed_kept_out_of_config_yaml(runs, tmp_path):
+    """to_megatron without a seed draws a secret one, like the Trainer: in the common state only."""
+    release = tmp_path / "dense_release"
+    assert not _spawn_kwargs("from_checkpoint.release", (str(runs["dense"]), str(release)),
+                             {"tokenizer_model": None}).startswith("ValueError")
+    back = tmp_path / "imported"
+    result = _spawn_kwargs("to_megatron.to_megatron", (str(release), str(back)), {})
+    assert not result.startswith("ValueError"), result
+    common = spawn(_common, 1, str(back))[0]
+    seed = common["config"]["model"]["seed"]
+    assert common["w0_seed_secret"] is True and isinstance(seed, int) and seed >= 0
+    saved = (back / "config.yaml").read_text()
+    assert "seed: null" in saved and str(seed) not in saved
+    again = tmp_path / "again"
+    assert not _spawn_kwargs("from_checkpoint.release", (str(back), str(again)),
+                             {"tokenizer_model": None}).startswith("ValueError")
+    assert (again / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
