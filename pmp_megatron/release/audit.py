@@ -232,7 +232,7 @@ def model_config_for_audit(model_dir: str | Path, seed: int | None,
     section of ``model_config`` (a YAML recipe, whose architecture must be the release's) if given, else
     what W0 depends on from the release's config.json -- shapes, tying, init std = ``initializer_range``
     -- with the other fields at their defaults (the config enters attack cell ids: W0's alone); ``seed``
-    is the init seed."""
+    is the init seed (None: the architecture alone, for the seed-guessing attacker)."""
     hf = model_config_from_hf(reader.read_config(model_dir))
     if model_config is None:
         return ModelConfig(**{f: getattr(hf, f) for f in _W0_FIELDS}, seed=seed)
