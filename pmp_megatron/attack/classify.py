@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import random
 import re
 from collections import Counter
@@ -92,7 +93,8 @@ def paragraphs(text: str, min_chars: int, max_chars: int) -> list[str]:
 def examples(split: str, families: Sequence[str] = FAMILIES, max_per_family: int | None = 50,
              min_chars: int = 160, max_chars: int = 400, eval_percent: int = 20) -> list[ClassifyExample]:
     """The examples of ``split``, deterministic, at most ``max_per_family`` per family (None: all; the
-    default 50 gives a balanced 300-example eval set), family by family in a fixed shuffled order."""
+    default 50 gives a balanced 300-example eval set), in a fixed shuffled order per family, the
+    families taking turns."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     root = _stdlib()
@@ -107,14 +109,15 @@ def examples(split: str, families: Sequence[str] = FAMILIES, max_per_family: int
                     counts[par] += 1
                     if s == split:
                         chunks.setdefault(family, []).append((doc, par))
-    out = []
+    per_family = []
     for label, family in enumerate(families):
         kept = [(doc, par) for doc, par in chunks.get(family, []) if counts[par] == 1]
         random.Random(f"pmp-classify:{family}:{split}").shuffle(kept)
         if max_per_family is not None:
             kept = kept[:max_per_family]
-        out += [ClassifyExample(par, label, doc) for doc, par in kept]
-    return out
+        per_family.append([ClassifyExample(par, label, doc) for doc, par in kept])
+    # round robin over the families, so any prefix (lm-eval's --limit) is as balanced as it can be
+    return [e for group in itertools.zip_longest(*per_family) for e in group if e is not None]
 
 
 # ----------------------------------------------------------------------------- as an LM task
