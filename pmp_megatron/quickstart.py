@@ -8,7 +8,8 @@ Output layout (stable, for scripts)::
     OUT/data/                 tokenizer.model, indexed datasets
     OUT/runs/{pmp,dense}/     checkpoints + metrics.jsonl
     OUT/release/{pmp,dense}/  Hugging Face directories (never a mask)
-    OUT/private/mask.safetensors
+    OUT/private/mask.safetensors      the owner's key (mask + W0 seed)
+    OUT/private/release-{pmp,dense}/  owner-side manifest and leakage audit of each release
     OUT/results.jsonl         one line per attack cell
     OUT/report/report.md + PNGs
     OUT/summary.json          base_loss_ratio, gain_ratio, authorized_gain_ratio, recovery_iou, seconds
@@ -83,17 +84,14 @@ def run(out: str | Path) -> dict:
     export_mask(out / "runs" / "pmp", mask, force=True)
     for mode in ("dense", "pmp"):
         release(out / "runs" / mode, out / "release" / mode, overwrite=True,
-                mask=str(mask) if mode == "pmp" else None)
+                mask=str(mask) if mode == "pmp" else None, owner_dir=out / "private" / f"release-{mode}")
 
     logger.info("[4/6] smoke attack suite (unauthorized, authorized, mask recovery) on both releases")
-    from pmp_megatron.attack.cli import run_suite
-    from pmp_megatron.config import load_config
+    from pmp_megatron.attack.run import run_suite
 
-    seed = load_config(out / "runs" / "pmp" / "config.yaml").model.seed  # the init-regeneration attacker's
     summary = run_suite(str(REPO_CONFIGS / "attacks" / "smoke.yaml"), str(out / "release" / "pmp"),
                         str(out / "results.jsonl"), report_dir=str(out / "report"),
-                        dense_model=str(out / "release" / "dense"), mask=str(mask),
-                        seed_for_regeneration=seed)
+                        dense_model=str(out / "release" / "dense"), mask=str(mask))
 
     logger.info("[5/6] base quality: PMP vs dense validation loss")
     valid = {m: _last_valid_loss(out / "runs" / m) for m in ("dense", "pmp")}

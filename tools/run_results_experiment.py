@@ -80,10 +80,25 @@ RUNS = {
 REFERENCE_RUN = "pmp-rho0.5"
 
 
+def experiment_seed(work: Path) -> int:
+    """One W0 seed shared by every run of the experiment (the runs are compared from the same start), drawn
+    from OS entropy once and kept in WORK/private/w0_seed (0600): it never reaches docs/results."""
+    import secrets
+
+    from pmp_megatron.atomic import write_text_atomic
+
+    path = work / "private" / "w0_seed"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_text_atomic(path, f"{secrets.randbits(128)}\n", mode=0o600)
+    return int(path.read_text())
+
+
 def pretrain_overrides(work: Path, name: str, scale: Scale) -> list[str]:
     data = work / "data"
     pmp, _ = RUNS[name]
-    args = [f"data.data_path=[0.5,{data / 'prose'},0.5,{data / 'code'}]",
+    args = [f"model.seed={experiment_seed(work)}",
+            f"data.data_path=[0.5,{data / 'prose'},0.5,{data / 'code'}]",
             f"data.tokenizer_model={data / 'tokenizer.model'}", "data.split=98,2,0", "data.num_workers=1",
             f"model.vocab_size={scale.vocab}", f"train.train_steps={scale.train_steps}",
             f"train.micro_batch_size={scale.global_batch}", f"train.global_batch_size={scale.global_batch}",
@@ -121,7 +136,7 @@ def pretrain_all(work: Path, scale: Scale) -> None:
         while todo and len(running) < scale.concurrent_runs:
             name = todo.pop(0)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                   f"--master_port={free_port()}", "-m", "pmp_megatron.cli", "pretrain",
+                   f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
                    "--config", str(CONFIGS / scale.model_config), *pretrain_overrides(work, name, scale)]
             log = open(work / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the run ends)
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -146,6 +161,7 @@ def release_all(work: Path) -> dict[str, dict]:
     """Release every run, export the PMP masks (mode 0600, under WORK/private) and audit the releases."""
     from pmp_megatron.release.from_checkpoint import AUDIT_FILE, release
     from pmp_megatron.release.key_export import export_mask
+    from pmp_megatron.release.writer import default_owner_dir
 
     audits = {}
     for name, (pmp, _) in RUNS.items():
@@ -153,10 +169,11 @@ def release_all(work: Path) -> dict[str, dict]:
         mask = work / "private" / f"{name}.safetensors" if pmp is not None else None
         if mask is not None and not mask.is_file():
             export_mask(work / "runs" / name, mask)
-        if not (rel / "config.json").is_file() or (mask is not None and not (rel / AUDIT_FILE).is_file()):
+        audit = default_owner_dir(rel) / AUDIT_FILE  # owner-side, never in the release
+        if not (rel / "config.json").is_file() or (mask is not None and not audit.is_file()):
             release(work / "runs" / name, rel, overwrite=True, mask=None if mask is None else str(mask))
         if mask is not None:
-            audits[name] = json.loads((rel / AUDIT_FILE).read_text())
+            audits[name] = json.loads(audit.read_text())
             audits[name]["embedding_rows_trainable"] = _embedding_rows_trainable(mask)
     return audits
 
@@ -173,9 +190,8 @@ def _embedding_rows_trainable(mask_path: Path) -> float:
 def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
     """Run the suite on every PMP release (paired with the dense one); return (run name -> model id, the
     ids of this suite's cells: the results file may hold cells of an earlier grid, left out of the report)."""
-    from pmp_megatron.attack.cli import prepare
     from pmp_megatron.attack.execute import run_cells
-    from pmp_megatron.config import load_config
+    from pmp_megatron.attack.run import prepare
 
     ids: dict[str, str] = {}
     cell_ids: set[str] = set()
@@ -183,10 +199,8 @@ def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
         if pmp is None:
             continue
         logger.info("attack suite on %s (%s)", name, ", ".join(attackers))
-        seed = load_config(work / "runs" / name / "config.yaml").model.seed if "recovery_init" in attackers \
-            else None
-        cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
-                             dense_model=str(work / "release" / "dense"), seed_for_regeneration=seed,
+        cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),  # the key has the seed
+                             dense_model=str(work / "release" / "dense"),
                              mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers)
         run_cells(cells, ctx, work / "results.jsonl", workers=scale.attack_workers)
         ids[name], ids["dense"] = ctx.model_ids["pmp"], ctx.model_ids["dense"]

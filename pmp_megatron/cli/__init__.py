@@ -6,7 +6,7 @@
 pretrain       PMP pretraining or the dense baseline, under torchrun/srun (``cli/pretrain.py``)
 export-mask    the owner's private key of a PMP checkpoint (``cli/release.py``)
 release        the public Hugging Face release of a checkpoint; ``--audit`` (``cli/release.py``)
-attack         the fine-tune attack suite and its report (``attack/cli.py``)
+attack         the fine-tune attack suite and its report (``cli/attack.py``)
 launch         Slurm submission (``cli/launch.py``)
 quickstart     the whole loop on the debug model on CPU (``cli/quickstart.py``)
 =============  ===================================================================================
@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "pretrain": "pmp_megatron.cli.pretrain:main",
     "export-mask": "pmp_megatron.cli.release:export_mask",
     "release": "pmp_megatron.cli.release:release",
-    "attack": "pmp_megatron.attack.cli:main",
+    "attack": "pmp_megatron.cli.attack:main",
     "launch": "pmp_megatron.cli.launch:main",
     "quickstart": "pmp_megatron.cli.quickstart:main",
 }

@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     summary = quickstart.run(args.out)
-    from pmp_megatron.attack.cli import format_summary
+    from pmp_megatron.attack.run import format_summary
 
     sys.stdout.write(format_summary(summary) + "\n")
     sys.stdout.write(f"base_loss_ratio (PMP/dense valid loss) = {summary['base_loss_ratio']:.4f}\n")

@@ -18,8 +18,8 @@ from pmp_megatron.cli.logs import setup_logging
 def export_mask(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pmp-export-mask",
-        description="Write the private PMP mask (the owner's key) of a checkpoint as a safetensors file "
-                    "keyed by the release's Hugging Face parameter names (bit-packed, hashed, mode 0600).")
+        description="Write the owner's private key of a PMP checkpoint: the mask (keyed by the release's "
+                    "Hugging Face parameter names, bit-packed) and the W0 seed, hashed, mode 0600.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint.dir of a PMP run")
     parser.add_argument("--out", required=True, help="output file, e.g. private/mask.safetensors")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest valid one")
@@ -46,13 +46,19 @@ def release(argv: list[str]) -> int:
     parser.add_argument("--tokenizer-model", default=None, help="default: the run's data.tokenizer_model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--mask", default=None, help="the owner's private mask file: run the leakage audit")
+    parser.add_argument("--owner-dir", default=None,
+                        help="owner-side directory for the manifest and the audit (default: OUT.owner, "
+                             "mode 0700); "
+                             "never inside the release")
     parser.add_argument("--audit-seed", type=int, default=None,
-                        help="init seed for the init-regeneration attacker (default: the checkpoint's)")
+                        help="W0 seed for the init-regeneration attacker, only for a v1 key without a seed "
+                             "(a v2 key carries it)")
     parser.add_argument("--no-init-attack", action="store_true", help="skip the init-regeneration attacker")
     parser.add_argument("--warn-level", type=float, default=0.5, help="warn above this mask-recovery IoU")
     parser.add_argument("--audit", action="store_true", help="audit the existing release --model")
     parser.add_argument("--model", help="release directory to audit (with --audit)")
-    parser.add_argument("--seed", type=int, default=None, help="init seed for the audit (with --audit)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="W0 seed for the audit (with --audit), only for a v1 key without a seed")
     parser.add_argument("--model-config", default=None,
                         help="YAML recipe of the released model for the init attacker (with --audit; "
                              "default: derived from the release's config.json)")
@@ -69,19 +75,21 @@ def release(argv: list[str]) -> int:
 
     if args.audit:
         cfg = audit.model_config_for_audit(args.model, args.seed, args.model_config) \
-            if args.seed is not None else None
-        report = audit.audit_release(args.model, args.mask, model_cfg=cfg, warn_level=args.warn_level)
+            if args.seed is not None or args.model_config else None
+        report = audit.audit_release(args.model, args.mask, model_cfg=cfg, warn_level=args.warn_level,
+                                     owner_dir=args.owner_dir)
     else:
         from pmp_megatron.release.from_checkpoint import AUDIT_FILE
         from pmp_megatron.release.from_checkpoint import release as run
+        from pmp_megatron.release.writer import owner_dir_of
 
         out = run(args.checkpoint, args.out, iteration=args.iteration, dtype=args.dtype,
                   tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, mask=args.mask,
                   audit_seed=args.audit_seed, init_attack=not args.no_init_attack,
-                  warn_level=args.warn_level)
+                  warn_level=args.warn_level, owner_dir=args.owner_dir)
         sys.stdout.write(f"wrote release {out}\n")
         if args.mask is None:
             return 0
-        report = json.loads((out / AUDIT_FILE).read_text())
+        report = json.loads((owner_dir_of(args.owner_dir, out) / AUDIT_FILE).read_text())
     sys.stdout.write(audit.markdown_table(report) + "\n")  # ends with the WARNING line when the mask leaks
     return 0

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pmp_megatron.attack import cli, runner
+from pmp_megatron.attack import runner
+from pmp_megatron.cli import run
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.data.corpora import iter_documents
 from pmp_megatron.data.tokenizer import train_tokenizer
@@ -69,7 +70,7 @@ def test_smoke_suite_end_to_end(releases, capsys):
     runner.set_trained_state_hook(lambda cell, state: states.append((cell, state)))
     try:
         start = time.time()
-        assert cli.main([*_args(r, out), "--report", str(r["tmp"] / "run_report")]) == 0
+        assert run("attack", [*_args(r, out), "--report", str(r["tmp"] / "run_report")]) == 0
         first = time.time() - start
         lines = out.read_text().splitlines()
         assert len(lines) == 18 == len(states)  # 3 adversaries x (5 PMP attackers + 1 dense)
@@ -106,7 +107,7 @@ def test_smoke_suite_end_to_end(releases, capsys):
 
         states.clear()
         start = time.time()
-        assert cli.main(_args(r, out)) == 0
+        assert run("attack", _args(r, out)) == 0
         rerun = time.time() - start
         assert out.read_text().splitlines() == lines and not states
         assert rerun < first / 2, (rerun, first)
@@ -115,7 +116,7 @@ def test_smoke_suite_end_to_end(releases, capsys):
     assert "gain ratio" in capsys.readouterr().out
 
     report_dir = r["tmp"] / "report"
-    assert cli.main(["report", str(out), "--out", str(report_dir)]) == 0
+    assert run("attack", ["report", str(out), "--out", str(report_dir)]) == 0
     text = (report_dir / "report.md").read_text()
     assert "Best attack per task" in text and "prose_heldout" in text and "Mask recovery" in text
     assert list(report_dir.glob("*.png"))

@@ -78,7 +78,7 @@ def test_headline_matches_raw_outputs(experiment):
         keyless = [r["gain"] for r in mine if r["attacker"] != "authorized"]
         assert max(keyless) == pytest.approx(h["best_keyless_gain"]["prose_heldout"])
         assert h["gain_ratio"]["prose_heldout"] == pytest.approx(max(keyless) / dense_best)
-        audit = json.loads((work / "release" / run / "release_audit.json").read_text())
+        audit = json.loads((work / "release" / f"{run}.owner" / "release_audit.json").read_text())
         assert h["recovery_iou"]["recovery_global"] == audit["attackers"]["recovery_global"]["iou"]["overall"]
         embed = maskfile.load(work / "private" / f"{run}.safetensors")[0]["model.embed_tokens.weight"]
         live = float(embed.any(dim=1).float().mean())

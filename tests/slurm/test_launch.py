@@ -239,7 +239,6 @@ adversaries:
 def test_attack_grid_as_job_array(slurm, tmp_path):
     import torch
 
-    from pmp_megatron.attack import cli as attack_cli
     from pmp_megatron.config import ModelConfig
     from pmp_megatron.data.corpora import iter_documents
     from pmp_megatron.data.tokenizer import train_tokenizer
@@ -259,8 +258,8 @@ def test_attack_grid_as_job_array(slurm, tmp_path):
     out = tmp_path / "results.jsonl"
     slurm_opts = f"partition=debug,time=5,max_concurrent=2,gpus_per_node={slurm.gpus_per_node}"
     start = time.monotonic()
-    assert attack_cli.main(["--suite", str(suite), "--model", str(release), "--out", str(out),
-                            "--device", "cpu", "--slurm", slurm_opts, "--log-level", "WARNING"]) == 0
+    assert run("attack", ["--suite", str(suite), "--model", str(release), "--out", str(out),
+                          "--device", "cpu", "--slurm", slurm_opts, "--log-level", "WARNING"]) == 0
     elapsed = time.monotonic() - start
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and {r["status"] for r in records} == {"ok"}, records

@@ -325,7 +325,7 @@ def test_suite_yaml_round_trip(tmp_path):
 def test_bad_inputs_are_named(tmp_path):
     from safetensors.torch import save_file
 
-    from pmp_megatron.attack import cli, tasks
+    from pmp_megatron.attack import run, tasks
     from pmp_megatron.attack.suite import TaskSpec
     from pmp_megatron.pmp import maskfile
     from pmp_megatron.release import reader
@@ -343,11 +343,11 @@ def test_bad_inputs_are_named(tmp_path):
     save_file({"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4)}, str(release / "model.safetensors"))
     maskfile.save({"a.weight": torch.ones(2, 3, dtype=torch.bool)}, tmp_path / "m1", rho=0.5)
     with pytest.raises(ValueError, match=r"missing \['b.weight'\]"):
-        cli._check_mask_file(str(tmp_path / "m1"), release)
+        run.check_mask_file(str(tmp_path / "m1"), release)
     wrong_shape = {"a.weight": torch.ones(3, 2).bool(), "b.weight": torch.ones(4).bool()}
     maskfile.save(wrong_shape, tmp_path / "m2", rho=0.5)
     with pytest.raises(ValueError, match="'a.weight' has shape"):
-        cli._check_mask_file(str(tmp_path / "m2"), release)
+        run.check_mask_file(str(tmp_path / "m2"), release)
 
 
 # ----------------------------------------------------------------------------- release identity and the key

@@ -1,0 +1,106 @@
+"""Run an attack suite against a release (and its dense baseline): validate the inputs, expand the grid,
+execute the pending cells (in-process, a process pool or a Slurm array; resumable JSONL) and summarise.
+
+``prepare`` checks everything before any cell runs: the releases, the tasks, the tokenizers (PMP and dense
+must share one), the owner's key against the release's parameters. Attackers whose inputs are missing
+(``authorized`` without a key; ``recovery_init`` without a v2 key or a known public seed) are dropped with
+a warning unless asked for by name. ``pmp-attack`` (``cli/attack.py``) is the command line over this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger("pmp_megatron.attack")
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text table of the summary (printed by the CLI)."""
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = [f"base loss ratio PMP/dense: {f(summary['base_loss_ratio'])}",
+             f"{'task':<24} {'gain ratio':>12} {'authorized ratio':>18}"]
+    for task, ratio in summary["gain_ratio"].items():
+        lines.append(f"{task:<24} {f(ratio):>12} {f(summary['authorized_gain_ratio'].get(task)):>18}")
+    for attacker, iou in summary["recovery_iou"].items():
+        lines.append(f"recovery IoU {attacker:<22} {f(iou)}")
+    return "\n".join(lines)
+
+
+def check_mask_file(mask_path: str, model_dir: Path) -> float:
+    """Verify the mask matches the release's parameters; return its rho."""
+    from pmp_megatron.attack.runner import load_true_mask
+    from pmp_megatron.release.audit import check_mask_names
+    from pmp_megatron.release.reader import read_shapes
+
+    masks, meta = load_true_mask(mask_path)
+    shapes = read_shapes(model_dir)
+    if shapes is not None:
+        check_mask_names(masks, shapes, f"mask file {mask_path}")
+    return meta["rho"]
+
+
+def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | None = None,
+            seed_for_regeneration: int | None = None, model_config: str | None = None,
+            rho: float | None = None, device: str = "auto", attackers: list[str] | None = None):
+    """Validate the inputs and expand the grid; return ``(cells, AttackContext)``."""
+    from pmp_megatron.attack import runner
+    from pmp_megatron.attack import suite as suite_mod
+    from pmp_megatron.attack.tasks import ReleaseTokenizer, resolve_source
+    from pmp_megatron.release.reader import check_model_dir
+
+    spec = suite_mod.load_suite(suite)
+    models = {"pmp": str(Path(model).resolve())}
+    if dense_model:
+        models["dense"] = str(Path(dense_model).resolve())
+    for path in models.values():
+        check_model_dir(path)
+    for task in [*spec.tasks, *([spec.pretraining_eval] if spec.pretraining_eval else [])]:
+        resolve_source(task)  # ValueError for an unknown task, before any cell runs
+    if "dense" in models and (ReleaseTokenizer(models["pmp"]).sha256
+                              != ReleaseTokenizer(models["dense"]).sha256):
+        raise ValueError("the PMP and dense releases have different tokenizers: their gains are not "
+                         "comparable")
+    mask_sha = None
+    if mask:
+        mask_rho = check_mask_file(mask, Path(models["pmp"]))
+        mask_sha = runner.load_true_mask(mask)[1]["sha256"]
+        rho = mask_rho if rho is None else rho
+    regen = runner.regen_config_from_key(models["pmp"], mask, seed_for_regeneration, model_config)
+    if attackers is not None:
+        unknown = [a for a in attackers if a not in suite_mod.ATTACKERS]
+        if unknown:
+            raise ValueError(f"unknown attacker(s) {unknown}; known: {', '.join(suite_mod.ATTACKERS)}")
+    else:
+        attackers = list(spec.attackers)
+        for name, missing, flag in (("authorized", mask_sha is None, "--mask"),
+                                    ("recovery_init", regen is None,
+                                     "--mask (a v2 key) or --seed-for-regeneration")):
+            if name in attackers and missing:
+                logger.warning("dropping attacker %s: it needs %s", name, flag)
+                attackers.remove(name)
+    model_ids = {role: runner.model_identity(path) for role, path in models.items()}
+    regen_id = None if regen is None else json.dumps(dataclasses.asdict(regen), sort_keys=True)
+    cells = suite_mod.expand_cells(spec, model_ids, mask_sha, regen_id, attackers)
+    ctx = runner.AttackContext(suite=spec, models=models, model_ids=model_ids, mask_path=mask,
+                               regen_config=regen, rho=rho, device=device)
+    return cells, ctx
+
+
+def run_suite(suite: str, model: str, out: str, workers: int = 1, slurm: str | None = None,
+              report_dir: str | None = None, **inputs) -> dict:
+    """Run (or resume) a suite and return the report summary; ``inputs`` go to ``prepare``."""
+    from pmp_megatron.attack import execute, report
+
+    cells, ctx = prepare(suite, model, **inputs)
+    if slurm:
+        execute.run_cells_slurm(cells, ctx, out, execute.parse_slurm_options(slurm))
+    else:
+        execute.run_cells(cells, ctx, out, workers=workers)
+    ids = {c.id for c in cells}
+    records = [r for r in execute.read_results(out) if r.get("id") in ids]
+    return report.write_report(records, report_dir) if report_dir else report.summarize(records)
