@@ -147,6 +147,18 @@ def _metrics(result: dict, num_samples: dict | None) -> dict[str, float | int | 
     return out
 
 
+def check_tasks(tasks: Sequence[str], include_path: str | os.PathLike = EVALS_DIR) -> None:
+    """Load ``tasks`` offline (no model): ONE ValueError line naming the first that cannot load, or that
+    lm-eval is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"lm-eval is not installed ({err}): pip install lm-eval (the 'attack' "
+                         "extra)") from None
+    with offline():
+        _build_tasks(list(tasks), _task_manager(list(tasks), Path(include_path)), Path(include_path))
+
+
 def score(model: str | os.PathLike | object, tasks: Sequence[str],
           include_path: str | os.PathLike = EVALS_DIR, limit: int | float | None = None,
           device: str = "cpu", batch_size: int = 8,

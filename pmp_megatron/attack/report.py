@@ -1,7 +1,19 @@
-"""Attack report: markdown tables and PNG plots from results JSONL, plus a summary dict.
+"""Attack report: the verdict of the suite's pre-registered decision rule first, then markdown tables and
+PNG plots from results JSONL, plus a summary dict.
 
-Following Qi et al., the headline is the BEST attack (largest task-loss gain over every adversary and
-seed), never the average. Definitions (per task; diverged cells are left out):
+Verdict (``verdict_summary``; evaluation v2): per task, the records' primary scores (accuracies:
+``score_before`` / ``score_after``) are grouped by ``stats.group_records`` at the largest attack budget,
+``stats.headline`` gives each statistic with its interval over seeds (the defender's worst case: every
+model's best adversary by mean), and ``decision.evaluate`` applies the suite's rule. The release's verdict
+is ``does not resist`` when any task's is, ``resists`` when every task's is, else ``inconclusive``. A task
+whose dense gain interval does not lie above 0 (the attacks do not measurably work even on the dense
+release, e.g. tiny smoke budgets) is ``inconclusive`` whatever the rule says. Beside
+it, each task's dense gain: the mean over seeds of the dense release's best adversary, its seed-to-seed
+standard deviation and their ratio (a task whose dense gain is not well above its spread cannot decide).
+
+The older numbers follow lower down (``summarize``). Following Qi et al., they take the BEST attack
+(largest task-loss gain over every adversary and seed), never the average. Definitions (per task;
+diverged cells are left out):
 
 - keyless attackers: ``unauthorized`` and every ``recovery_*`` (they need nothing but the release);
 - ``gain_ratio[task]`` = best keyless gain on the PMP release / best gain on the dense release;
@@ -19,11 +31,14 @@ lists every model; ``gain_ratio_vs_rho.png`` plots them against rho.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from pmp_megatron.attack.suite import ATTACKERS, RECOVERY_ATTACKERS
+from pmp_megatron.attack import decision as decision_mod
+from pmp_megatron.attack import stats
+from pmp_megatron.attack.suite import ATTACKERS, RECOVERY_ATTACKERS, Suite
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +111,98 @@ def summarize(records: list[dict]) -> dict:
     return {**top, "by_model": by_model}
 
 
+# ----------------------------------------------------------------------------- verdict (v2)
+
+
+def _combine(verdicts: list[str]) -> str:
+    if any(v == decision_mod.DOES_NOT_RESIST for v in verdicts):
+        return decision_mod.DOES_NOT_RESIST
+    if verdicts and all(v == decision_mod.RESISTS for v in verdicts):
+        return decision_mod.RESISTS
+    return decision_mod.INCONCLUSIVE
+
+
+def dense_gain(grouped: stats.Grouped, budget: int) -> dict | None:
+    """The dense release's best adversary (by mean score) at ``budget``: per-seed gains, mean, sd, ratio."""
+    after = grouped.after[budget].get("dense")
+    if not after or "dense" not in grouped.before:
+        return None
+    best = stats.best_attack(after, True)
+    gains = stats.gains(grouped.before["dense"], best.scores, True)
+    mean = sum(gains) / len(gains)
+    sd = statistics.stdev(gains) if len(gains) > 1 else math.nan
+    ratio = mean / sd if sd and math.isfinite(sd) else (math.inf if mean > 0 and sd == 0 else math.nan)
+    clean = [None if not math.isfinite(x) else x for x in (mean, sd, ratio)]
+    return {"adversary": best.adversary, "gains": gains, "mean": clean[0], "sd": clean[1],
+            "mean_over_sd": clean[2]}
+
+
+def verdict_summary(records: list[dict], suite: Suite) -> dict:
+    """``{"verdict", "tasks": {task: {"metric", "budget", "verdict", "reasons", "statistics",
+    "dense_gain"}}}`` from the v2 records (with ``score_*``) and the suite's decision rule (no rule: the
+    statistics alone, verdict None)."""
+    out: dict = {"verdict": None, "rule": None if suite.decision is None else {
+        "resists": [f"{c.statistic} {c}" for c in suite.decision.resists],
+        "does_not_resist": [f"{c.statistic} {c}" for c in suite.decision.does_not_resist]}, "tasks": {}}
+    confidence = stats.CONFIDENCE if suite.decision is None else suite.decision.confidence
+    verdicts = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        mine = [r for r in records if r["task"] == task and r.get("score_before") is not None]
+        if not mine:
+            continue
+        grouped = stats.group_records(mine, task, "score_after", "score_before", suite.seq_length,
+                                      curve_key="score_curve")
+        budget = max(grouped.after)
+        dense_before = grouped.before.get("dense")
+        threshold = None if dense_before is None else sum(dense_before) / len(dense_before)
+        numbers = stats.headline(grouped.after[budget], grouped.before, True, grouped.curves or None,
+                                 threshold, confidence)
+        entry = {"metric": mine[0].get("metric"), "budget": budget, "seeds": grouped.seeds,
+                 "statistics": {k: v.to_dict() for k, v in numbers.items()},
+                 "dense_gain": dense_gain(grouped, budget), "verdict": None, "reasons": []}
+        if suite.decision is not None:
+            verdict = decision_mod.evaluate(suite.decision, numbers)
+            entry.update(verdict.to_dict())
+            gain = entry["dense_gain"]
+            if gain is not None and not stats.mean_interval(gain["gains"], confidence).low > 0:
+                # the dense release's own gain is not above its seed spread: the task cannot decide
+                entry["verdict"] = decision_mod.INCONCLUSIVE
+                entry["reasons"].append({"statistic": "dense_gain", "interval": stats.mean_interval(
+                    gain["gains"], confidence).to_dict(), "threshold": "> 0", "outcome": "not met"})
+            verdicts.append(entry["verdict"])
+        out["tasks"][task] = entry
+    if suite.decision is not None:
+        out["verdict"] = _combine(verdicts)
+    return out
+
+
+def _interval_text(i: dict | None) -> str:
+    if i is None:
+        return "missing"
+    low = "-inf" if i["low"] is None else format_value(i["low"])
+    high = "+inf" if i["high"] is None else format_value(i["high"])
+    return f"{format_value(i['estimate'])} [{low}, {high}] (n={i['n']})"
+
+
+def verdict_lines(v: dict) -> list[str]:
+    """Plain lines: the verdict first, then per task the intervals that decided it and the dense gain."""
+    lines = [f"VERDICT: {v['verdict'] or 'none (the suite has no decision rule)'}"]
+    for task, t in v["tasks"].items():
+        lines.append(f"{task} ({t['metric']}, {t['budget']} attack tokens): {t['verdict'] or '-'}")
+        for r in t["reasons"]:
+            lines.append(f"  {r['statistic']} {r['threshold']}: {_interval_text(r['interval'])} -> "
+                         f"{r['outcome']}")
+        shown = {r["statistic"] for r in t["reasons"]}
+        for name, i in t["statistics"].items():
+            if name not in shown:
+                lines.append(f"  {name}: {_interval_text(i)}")
+        d = t["dense_gain"]
+        if d is not None:
+            lines.append(f"  dense gain {format_value(d['mean'])} +- {format_value(d['sd'])} (seed sd; "
+                         f"mean/sd {format_value(d['mean_over_sd'])})")
+    return lines
+
+
 def _adversary_key(r: dict) -> tuple:
     """Every ``adv_*`` field (the label alone leaves some out) and the seed."""
     return (*sorted((k, str(v)) for k, v in r.items() if k.startswith("adv_")), r["seed"])
@@ -131,9 +238,35 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(records: list[dict], summary: dict) -> str:
-    """The report text."""
+    """The report text (the verdict first when the summary has one)."""
     ok = _ok(records)
-    lines = ["# PMP attack report", ""]
+    lines = []
+    if "verdict" in summary:
+        v = summary["decision"]
+        lines += [f"# Verdict: {summary['verdict'] or 'none (the suite has no decision rule)'}", ""]
+        if v["rule"]:
+            lines += [f"Pre-registered rule: resists if ALL of {', '.join(v['rule']['resists'])}; does not "
+                      f"resist if ANY of {', '.join(v['rule']['does_not_resist']) or '(none)'}; else "
+                      "inconclusive. Intervals: 95 % t over seeds (paired by seed), scores in accuracy "
+                      "points (higher is better), best adversary per model by mean.", ""]
+        rows = []
+        for task, t in v["tasks"].items():
+            for r in t["reasons"]:
+                rows.append([task, t["verdict"], r["statistic"], r["threshold"],
+                             _interval_text(r["interval"]), r["outcome"]])
+        if rows:
+            lines += markdown_table(["task", "task verdict", "statistic", "threshold", "interval", "outcome"],
+                                    rows)
+        rows = []
+        for task, t in v["tasks"].items():
+            d = t["dense_gain"] or {}
+            rows.append([task, t["metric"], t["budget"], len(t["seeds"]), d.get("mean"), d.get("sd"),
+                         d.get("mean_over_sd"), "; ".join(f"{k} {_interval_text(i)}"
+                                                         for k, i in t["statistics"].items())])
+        lines += ["## Statistics per task", ""]
+        lines += markdown_table(["task", "metric", "budget (tokens)", "seeds", "dense gain (mean)",
+                                 "dense gain seed sd", "mean / sd", "all statistics"], rows)
+    lines += ["# PMP attack report", ""]
     suites = sorted({str(r.get("suite")) for r in records})
     lines += [f"Suite(s): {', '.join(suites)}. Cells: {len(records)} ({len(ok)} ok, "
               f"{sum(r.get('status') == 'diverged' for r in records)} diverged). Headline = best attack "
@@ -282,13 +415,22 @@ def plot_gain_ratio_vs_rho(summary: dict, out_dir: Path) -> Path | None:
     return path
 
 
-def write_report(records: list[dict], out_dir: str | Path) -> dict:
-    """Write ``report.md`` and the PNGs into ``out_dir``; return the summary dict."""
+def full_summary(records: list[dict], suite: Suite | None = None) -> dict:
+    """``verdict`` and ``decision`` (``verdict_summary``; with a suite) first, then ``summarize``'s keys."""
+    if suite is None:
+        return summarize(records)
+    v = verdict_summary(records, suite)
+    return {"verdict": v["verdict"], "decision": v, **summarize(records)}
+
+
+def write_report(records: list[dict], out_dir: str | Path, suite: Suite | None = None) -> dict:
+    """Write ``report.md`` (the verdict first, with a suite), ``summary.json`` and the PNGs into
+    ``out_dir``; return the summary dict."""
     if not records:
         raise ValueError("no result records to report on")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(records)
+    summary = full_summary(records, suite)
     text = markdown(records, summary)
     pngs = plot_curves(records, out_dir)
     rho_plot = plot_gain_ratio_vs_rho(summary, out_dir)
@@ -296,5 +438,9 @@ def write_report(records: list[dict], out_dir: str | Path) -> dict:
         pngs.append(rho_plot)
     text += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
     (out_dir / "report.md").write_text(text)
+    if suite is not None:
+        import json
+
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.info("wrote %s and %d plot(s)", out_dir / "report.md", len(pngs))
     return summary

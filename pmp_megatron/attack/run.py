@@ -18,14 +18,20 @@ logger = logging.getLogger("pmp_megatron.attack")
 
 
 def format_summary(summary: dict) -> str:
-    """A short plain-text table of the summary (printed by the CLI)."""
+    """Plain text for the CLI: the verdict and the intervals that decided it per task (``report``), then the
+    recovered masks' IoU. Without a decision section (an older summary) the base-loss and gain ratios."""
+    from pmp_megatron.attack.report import verdict_lines
+
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    lines = [f"base loss ratio PMP/dense: {f(summary['base_loss_ratio'])}",
-             f"{'task':<24} {'gain ratio':>12} {'authorized ratio':>18}"]
-    for task, ratio in summary["gain_ratio"].items():
-        lines.append(f"{task:<24} {f(ratio):>12} {f(summary['authorized_gain_ratio'].get(task)):>18}")
+    if "decision" in summary:
+        lines = verdict_lines(summary["decision"])
+    else:
+        lines = [f"base loss ratio PMP/dense: {f(summary['base_loss_ratio'])}",
+                 f"{'task':<24} {'gain ratio':>12} {'authorized ratio':>18}"]
+        for task, ratio in summary["gain_ratio"].items():
+            lines.append(f"{task:<24} {f(ratio):>12} {f(summary['authorized_gain_ratio'].get(task)):>18}")
     for attacker, iou in summary["recovery_iou"].items():
         lines.append(f"recovery IoU {attacker:<22} {f(iou)}")
     return "\n".join(lines)
@@ -44,10 +50,26 @@ def check_mask_file(mask_path: str, model_dir: Path) -> float:
     return meta["rho"]
 
 
+def scratch_identity(model_dir: str | Path) -> str:
+    """The scratch control's identity: its architecture (config.json) and tokenizer, not the weights."""
+    import hashlib
+
+    from pmp_megatron.release.writer import TOKENIZER_FILES, file_sha256
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(b"scratch\0")
+    tokenizer = [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+    for path in [model_dir / "config.json", *tokenizer]:
+        h.update(f"{path.name}\0{file_sha256(path)}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | None = None,
             seed_for_regeneration: int | None = None, model_config: str | None = None,
-            rho: float | None = None, device: str = "auto", attackers: list[str] | None = None):
-    """Validate the inputs and expand the grid; return ``(cells, AttackContext)``."""
+            rho: float | None = None, device: str = "auto", attackers: list[str] | None = None,
+            dense_matched_model: str | None = None):
+    """Validate the inputs and expand the grid; return ``(cells, AttackContext)``. The scratch control
+    (suite ``scratch: true``) is built from the PMP release's config.json."""
     from pmp_megatron.attack import runner
     from pmp_megatron.attack import suite as suite_mod
     from pmp_megatron.attack.tasks import ReleaseTokenizer, resolve_source
@@ -57,14 +79,22 @@ def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | 
     models = {"pmp": str(Path(model).resolve())}
     if dense_model:
         models["dense"] = str(Path(dense_model).resolve())
+    if dense_matched_model:
+        models["dense_matched"] = str(Path(dense_matched_model).resolve())
     for path in models.values():
         check_model_dir(path)
     for task in [*spec.tasks, *([spec.pretraining_eval] if spec.pretraining_eval else [])]:
-        resolve_source(task)  # ValueError for an unknown task, before any cell runs
-    if "dense" in models and (ReleaseTokenizer(models["pmp"]).sha256
-                              != ReleaseTokenizer(models["dense"]).sha256):
-        raise ValueError("the PMP and dense releases have different tokenizers: their gains are not "
-                         "comparable")
+        if task.kind == "lm":
+            resolve_source(task)  # ValueError for an unknown task, before any cell runs
+    lm_eval_tasks = [t.source for t in spec.tasks if t.kind == "lm_eval"]
+    if lm_eval_tasks:  # a task that cannot load offline is named now, not after the first attack
+        from pmp_megatron.attack import lm_eval_backend
+
+        lm_eval_backend.check_tasks(lm_eval_tasks)
+    for role in ("dense", "dense_matched"):
+        if role in models and ReleaseTokenizer(models["pmp"]).sha256 != ReleaseTokenizer(models[role]).sha256:
+            raise ValueError(f"the PMP and {role} releases have different tokenizers: their gains are not "
+                             "comparable")
     mask_sha = None
     if mask:
         mask_rho = check_mask_file(mask, Path(models["pmp"]))
@@ -84,6 +114,8 @@ def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | 
                 logger.warning("dropping attacker %s: it needs %s", name, flag)
                 attackers.remove(name)
     model_ids = {role: runner.model_identity(path) for role, path in models.items()}
+    if spec.scratch:
+        models["scratch"], model_ids["scratch"] = models["pmp"], scratch_identity(models["pmp"])
     regen_id = None if regen is None else json.dumps(dataclasses.asdict(regen), sort_keys=True)
     cells = suite_mod.expand_cells(spec, model_ids, mask_sha, regen_id, attackers)
     ctx = runner.AttackContext(suite=spec, models=models, model_ids=model_ids, mask_path=mask,
@@ -103,4 +135,6 @@ def run_suite(suite: str, model: str, out: str, workers: int = 1, slurm: str | N
         execute.run_cells(cells, ctx, out, workers=workers)
     ids = {c.id for c in cells}
     records = [r for r in execute.read_results(out) if r.get("id") in ids]
-    return report.write_report(records, report_dir) if report_dir else report.summarize(records)
+    if report_dir:
+        return report.write_report(records, report_dir, ctx.suite)
+    return report.full_summary(records, ctx.suite)

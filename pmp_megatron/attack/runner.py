@@ -16,18 +16,29 @@ LoRA with a mask (authorized / recovery) masks the MERGED delta: each adapted li
 inside the mask, in training and evaluation alike. That update is no longer low rank; it is the
 natural meaning of "LoRA, restricted to the key". Without a mask, LoRA is plain peft.
 
-Metrics: task eval loss before, every ``eval_every`` steps and after; gain = before - after (and the gain
-of the best checkpoint, an early-stopping attacker); pretraining-domain eval loss before/after
-(forgetting); recovered-mask density and IoU with the true mask when it is given. A non-finite training
-loss stops the cell and marks it ``diverged`` (its after-losses are then null).
+Metrics: task eval loss and score (an accuracy: ``evaluate``) before, every ``eval_every`` steps and
+after; gain = loss before - after (and the gain of the best checkpoint, an early-stopping attacker),
+score_gain = score after - before; pretraining-domain eval loss before/after (forgetting);
+recovered-mask density and IoU with the true mask when it is given. A non-finite training loss marks the
+cell ``diverged`` (its after-values are then null); the losses stay on the device and are read at each
+eval and once at the end (no host sync per step), so a diverged cell is noticed at the next eval.
+
+Throughput: the cells of one release share one loaded model per process (``base_model``: reset from a
+CPU copy of the weights, LoRA adapters unloaded after the cell) and its un-attacked scores; the records are
+bit-identical to loading afresh per cell (``set_model_reuse(False)``, tested).
+
+Roles: ``pmp``, ``dense`` and ``dense_matched`` are release directories; ``scratch`` is the PMP release's
+architecture with a fresh random init (``scratch_model``), fine-tuned like the others.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import math
 import time
@@ -40,7 +51,7 @@ import torch.nn.functional as F
 
 from pmp_megatron.attack import tasks
 from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
-from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec
+from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec, task_payload
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.release import recovery
 from pmp_megatron.release.audit import check_mask_names, model_config_for_audit, weight_shapes
@@ -50,6 +61,7 @@ from pmp_megatron.release.writer import TOKENIZER_FILES, file_sha256
 logger = logging.getLogger(__name__)
 
 _TRAINED_STATE_HOOK: Callable[[Cell, dict[str, torch.Tensor]], None] | None = None
+_LR_HOOK: Callable[[Cell, float], float] | None = None
 
 
 @dataclass
@@ -69,6 +81,13 @@ def set_trained_state_hook(fn: Callable[[Cell, dict[str, torch.Tensor]], None] |
     """TEST-ONLY: call ``fn(cell, effective HF weights on CPU)`` after each in-process cell trains."""
     global _TRAINED_STATE_HOOK
     _TRAINED_STATE_HOOK = fn
+
+
+def set_lr_hook(fn: Callable[[Cell, float], float] | None) -> None:
+    """TEST-ONLY: ``fn(cell, lr)`` gives the learning rate a cell's optimizer is built with (lr 0 on one
+    side: a model whose parameters cannot move)."""
+    global _LR_HOOK
+    _LR_HOOK = fn
 
 
 def model_identity(model_dir: str | Path) -> str:
@@ -136,11 +155,6 @@ def _load_key(path: str, inode: int, size: int, mtime_ns: int) -> tuple[dict[str
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_dir: str) -> tasks.ReleaseTokenizer:
     return tasks.ReleaseTokenizer(model_dir)
-
-
-@functools.lru_cache(maxsize=8)
-def _task(model_dir: str, spec: TaskSpec, seq_length: int, eval_blocks: int) -> tasks.TaskData:
-    return tasks.load_task(spec, _tokenizer(model_dir), seq_length, eval_blocks)
 
 
 _RECOVERED: dict[tuple, tuple[dict[str, torch.Tensor], dict]] = {}
@@ -269,17 +283,57 @@ def effective_state(model, masks: dict[str, torch.Tensor] | None) -> dict[str, t
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device, amp) -> float:
-    """Mean next-token loss over ``blocks`` ``[n, s]`` (every block has the same token count)."""
+def evaluate(model, data: tasks.TaskData, batch_size: int, device: torch.device, amp) -> tuple[float, float]:
+    """(mean next-token loss, score) over ``data.eval`` ``[n, s]`` on the positions its labels keep.
+
+    The score is ``data.metric``: token top-1 accuracy (``token_acc``; also the score of ``lm_eval``
+    tasks here, whose lm-eval score ``lm_eval_score`` adds), whole-target exact match under teacher
+    forcing (``exact_match``: every kept position's argmax right), or the argmax over ``label_ids`` at the
+    one kept position (``accuracy``). Sums stay on the device; one host read at the end."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for i in range(0, blocks.shape[0], batch_size):
-        x = blocks[i: i + batch_size].to(device)
+    tokens, labels = data.eval, data.eval_labels
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    label_ids = None if data.label_ids is None else torch.tensor(data.label_ids, device=device)
+    for i in range(0, tokens.shape[0], batch_size):
+        x = tokens[i: i + batch_size].to(device)  # [b, s]
+        target = (x if labels is None else labels[i: i + batch_size].to(device))[:, 1:]  # [b, s - 1]
         with amp():
-            total += float(model(input_ids=x, labels=x).loss) * x.shape[0]
+            logits = model(input_ids=x).logits[:, :-1].float()  # [b, s - 1, V]
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                    reduction="sum")
+        valid = target != -100
+        if data.metric == "accuracy":
+            pred = label_ids[logits.index_select(-1, label_ids).argmax(-1)]
+        else:
+            pred = logits.argmax(-1)
+        hit = (pred == target) & valid
+        correct += (hit | ~valid).all(-1).sum() if data.metric == "exact_match" else hit.sum()
     model.train(was_training)
-    return total / blocks.shape[0]
+    num_tokens = int((tokens[:, 1:] != -100).sum()) if labels is None else int((labels[:, 1:] != -100).sum())
+    num_scored = tokens.shape[0] if data.metric == "exact_match" else num_tokens
+    loss, hits = torch.stack([loss_sum, correct]).tolist()
+    return loss / num_tokens, hits / num_scored
+
+
+def lm_eval_score(model, spec: TaskSpec, model_dir: str, device: torch.device) -> float:
+    """The lm-eval metric (``spec.metric``, default acc) of ``model`` on the lm-eval task ``spec.source``."""
+    from transformers import AutoTokenizer
+
+    from pmp_megatron.attack import lm_eval_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    was_training = model.training
+    model.eval()
+    result = lm_eval_backend.score(model, [spec.source], limit=spec.num_eval, device=str(device),
+                                   tokenizer=tokenizer)[spec.source]
+    model.train(was_training)
+    metric = spec.metric or "acc"
+    if result.get(metric) is None:
+        raise ValueError(f"lm-eval task {spec.source!r} has no metric {metric!r}; it has "
+                         f"{', '.join(k for k in result if not k.endswith('_stderr'))}")
+    return float(result[metric])
 
 
 def _amp(precision: str, device: torch.device):
@@ -288,46 +342,152 @@ def _amp(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+# ----------------------------------------------------------------------------- models shared by cells
+
+SCRATCH_SEED = 10_000  # the scratch control's init seed is SCRATCH_SEED + cell seed (never the owner's W0)
+_MAX_MODELS = 2  # loaded models kept per process (least recently used goes)
+_MODELS: collections.OrderedDict[tuple, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = (
+    collections.OrderedDict())
+_BEFORE: dict[tuple, tuple] = {}
+_REUSE = True
+
+
+def set_model_reuse(reuse: bool) -> None:
+    """Share one loaded model (and its un-attacked scores) between the cells of a release in this process
+    (default), or load afresh per cell (``False``: the reference the sharing is tested against)."""
+    global _REUSE
+    _REUSE = reuse
+    clear_model_cache()
+
+
+def clear_model_cache() -> None:
+    _MODELS.clear()
+    _BEFORE.clear()
+
+
+def scratch_model(model_dir: str | Path, seed: int, device: torch.device) -> torch.nn.Module:
+    """The release's architecture (its config.json) with a fresh Hugging Face random init seeded by
+    ``SCRATCH_SEED + seed``: the from-scratch control, which must not start from the owner's W0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(check_model_dir(model_dir)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED + seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval().to(device)
+
+
+def base_model(cell: Cell, ctx: AttackContext, device: torch.device) -> torch.nn.Module:
+    """The cell's un-attacked model: the release (or the scratch init), loaded once per process and reset
+    from a CPU copy of its weights for every further cell (bit for bit the weights a fresh load gives)."""
+    key = (cell.role, ctx.models[cell.role], ctx.model_ids[cell.role],
+           cell.seed if cell.role == "scratch" else None, str(device))
+    if _REUSE and key in _MODELS:
+        _MODELS.move_to_end(key)
+        model, weights = _MODELS[key]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+                p.requires_grad_(True)
+                p.grad = None
+        return model.eval()
+    if cell.role == "scratch":
+        model = scratch_model(ctx.models[cell.role], cell.seed, device)
+    else:
+        model = load_model(ctx.models[cell.role], device)
+    if _REUSE:
+        _MODELS[key] = (model, {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()})
+        while len(_MODELS) > _MAX_MODELS:
+            _MODELS.popitem(last=False)
+    return model
+
+
+def _vocab_size(model_dir: str) -> int:
+    return int(read_config(model_dir)["vocab_size"])
+
+
+def task_data(cell: Cell, ctx: AttackContext) -> tasks.TaskData:
+    """The training and eval data of the cell's task (an lm_eval task trains on the task it names)."""
+    spec = cell.task
+    if spec.kind == "lm_eval":
+        spec = next(t for t in ctx.suite.tasks if t.name == spec.train)
+    return _task(ctx.models[cell.role], spec, ctx.suite.seq_length, ctx.suite.eval_blocks)
+
+
+@functools.lru_cache(maxsize=8)
+def _task(model_dir: str, spec: TaskSpec, seq_length: int, eval_blocks: int) -> tasks.TaskData:
+    if spec.kind == "synthetic":
+        return tasks.load_synthetic(spec, _vocab_size(model_dir))
+    if spec.kind == "classify":
+        return tasks.load_classify(spec, _tokenizer(model_dir), seq_length)
+    return tasks.load_task(spec, _tokenizer(model_dir), seq_length, eval_blocks)
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
 def run_cell(cell: Cell, ctx: AttackContext) -> dict:
     """Run one cell; return its result record (one JSON line)."""
     start = time.time()
-    suite, adv = ctx.suite, cell.adversary
     device = resolve_device(ctx.device)
+    model = base_model(cell, ctx, device)
+    peft_model = None
+    try:
+        record, peft_model = _attack(cell, ctx, model, device)
+    finally:
+        if peft_model is not None:  # the shared model leaves without its adapters
+            peft_model.unload()
+    record.update({"device": str(device), "wall_s": round(time.time() - start, 3), "finished": time.time()})
+    return record
+
+
+def _measure(cell: Cell, ctx: AttackContext, model, data: tasks.TaskData, pre, device, amp) -> tuple:
+    """Un-attacked (task loss, score, pretraining loss); shared by the cells of one model in a process."""
+    suite = ctx.suite
+    key = (cell.role, ctx.model_ids[cell.role], cell.seed if cell.role == "scratch" else None,
+           json.dumps(task_payload(cell.task), sort_keys=True), json.dumps(suite.settings(), sort_keys=True))
+    if _REUSE and key in _BEFORE:
+        return _BEFORE[key]
+    loss, score = evaluate(model, data, suite.eval_batch_size, device, amp)
+    if cell.task.kind == "lm_eval":
+        score = lm_eval_score(model, cell.task, ctx.models[cell.role], device)
+    pre_loss = None if pre is None else evaluate(model, pre, suite.eval_batch_size, device, amp)[0]
+    if _REUSE:
+        _BEFORE[key] = (loss, score, pre_loss)
+    return loss, score, pre_loss
+
+
+def _attack(cell: Cell, ctx: AttackContext, model, device: torch.device) -> tuple[dict, object]:
+    suite, adv = ctx.suite, cell.adversary
     model_dir = ctx.models[cell.role]
-    torch.manual_seed(cell.seed)
-    model = load_model(model_dir, device)
-    masks, mask_info = attacker_mask(cell, ctx, model)
-    task = _task(model_dir, cell.task, suite.seq_length, suite.eval_blocks)
+    data = task_data(cell, ctx)
     pre = None if suite.pretraining_eval is None else _task(
         model_dir, suite.pretraining_eval, suite.seq_length, suite.eval_blocks)
     amp = _amp(suite.precision, device)
-
-    def task_loss() -> float:
-        return evaluate(model, task.eval, suite.eval_batch_size, device, amp)
-
-    before = task_loss()
-    pre_before = None if pre is None else evaluate(model, pre.eval, suite.eval_batch_size, device, amp)
+    masks, mask_info = attacker_mask(cell, ctx, model)
+    before, score_before, pre_before = _measure(cell, ctx, model, data, pre, device, amp)
+    torch.manual_seed(cell.seed)  # LoRA init (and anything random in training) follows the cell's seed
     num_base = sum(p.numel() for p in model.parameters())
-    guard = None
+    guard = peft_model = None
     if adv.method == "lora":
-        model = apply_lora(model, cell, masks)
+        model = peft_model = apply_lora(model, cell, masks)
     elif masks is not None:
         guard = MaskGuard(model, masks)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params) if masks is None or adv.method == "lora" else sum(
         int(m.sum()) for m in masks.values())
-    optimizer = build_optimizer(adv.optimizer, params, adv.lr, adv.weight_decay)
+    lr = adv.lr if _LR_HOOK is None else _LR_HOOK(cell, adv.lr)
+    optimizer = build_optimizer(adv.optimizer, params, lr, adv.weight_decay)
     schedule = build_schedule(optimizer, adv.schedule, adv.warmup_steps, adv.steps)
     model.train()
-    curve, train_losses, diverged, step = [[0, before]], [], False, 0
-    for step, batch in enumerate(tasks.train_batches(task, adv.batch_size, adv.steps, cell.seed), start=1):
-        x = batch.to(device)
+    lm_eval_task = cell.task.kind == "lm_eval"
+    curve, score_curve = [[0, before]], [[0, score_before]]
+    step_losses = torch.full((adv.steps,), math.nan, device=device)  # read once, after training
+    ran = 0
+    for step, (x, y) in enumerate(tasks.train_batches(data, adv.batch_size, adv.steps, cell.seed), start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with amp():
-            loss = model(input_ids=x, labels=x).loss
-        if not torch.isfinite(loss):
-            diverged = True
-            logger.warning("cell %s diverged at step %d (loss %s)", cell.id, step, float(loss))
-            break
+            loss = model(input_ids=x, labels=y).loss
         loss.backward()
         if guard is not None:
             guard.mask_grads()
@@ -338,31 +498,52 @@ def run_cell(cell: Cell, ctx: AttackContext) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if guard is not None:
             guard.restore()
-        train_losses.append(float(loss.detach()))
+        step_losses[step - 1] = loss.detach()
+        ran = step
         if suite.eval_every and step % suite.eval_every == 0 and step < adv.steps:
-            curve.append([step, task_loss()])
-    after = pre_after = None
+            if not bool(torch.isfinite(step_losses[:step]).all()):  # one read per eval, not per step
+                break
+            loss_now, score_now = evaluate(model, data, suite.eval_batch_size, device, amp)
+            curve.append([step, loss_now])
+            if not lm_eval_task:
+                score_curve.append([step, score_now])
+    losses = step_losses[:ran].cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    diverged = bad.numel() > 0
+    steps_done = int(bad[0]) + 1 if diverged else ran  # the cell counts up to its first non-finite loss
+    train_losses = losses[: steps_done - 1 if diverged else ran].tolist()
+    if diverged:
+        logger.warning("cell %s diverged at step %d (loss %s)", cell.id, steps_done, losses[steps_done - 1])
+    after = pre_after = score_after = None
     if not diverged:
-        after = task_loss()
+        after, score_after = evaluate(model, data, suite.eval_batch_size, device, amp)
         if not math.isfinite(after):
-            diverged, after = True, None
+            diverged, after, score_after = True, None, None
         else:
+            if lm_eval_task:
+                score_after = lm_eval_score(model, cell.task, model_dir, device)
             curve.append([adv.steps, after])
-            pre_after = None if pre is None else evaluate(model, pre.eval, suite.eval_batch_size, device, amp)
+            score_curve.append([adv.steps, score_after])
+            pre_after = None if pre is None else evaluate(model, pre, suite.eval_batch_size, device, amp)[0]
     if _TRAINED_STATE_HOOK is not None:
         _TRAINED_STATE_HOOK(cell, effective_state(model, masks))
-    finite = [loss for _, loss in curve if math.isfinite(loss)]
+    finite = [v for _, v in curve if math.isfinite(v)]
+    metric = f"lm_eval:{cell.task.metric or 'acc'}" if lm_eval_task else data.metric
     return {
         "id": cell.id, "status": "diverged" if diverged else "ok",
         "role": cell.role, "model": str(model_dir), "model_id": ctx.model_ids[cell.role],
         "rho": ctx.rho if cell.role == "pmp" else None, "suite": suite.name,
-        "task": cell.task.name, "attacker": cell.attacker, "adversary": adv.label,
+        "task": cell.task.name, "kind": cell.task.kind, "metric": metric,
+        "attacker": cell.attacker, "adversary": adv.label,
         **{f"adv_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(adv).items()},
-        "seed": cell.seed, "tokens": step * adv.batch_size * suite.seq_length,
+        "seed": cell.seed, "tokens": steps_done * adv.batch_size * suite.seq_length,
         "task_loss_before": before, "task_loss_after": after,
         "gain": None if after is None else before - after,
         "gain_best_checkpoint": None if diverged else before - min(finite),
-        "curve": curve, "train_loss_first": train_losses[0] if train_losses else None,
+        "score_before": score_before, "score_after": score_after,
+        "score_gain": None if score_after is None else score_after - score_before,
+        "curve": curve, "score_curve": score_curve,
+        "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "pretrain_loss_before": pre_before, "pretrain_loss_after": pre_after,
         "forgetting": None if pre_after is None else pre_after - pre_before,
@@ -370,5 +551,4 @@ def run_cell(cell: Cell, ctx: AttackContext) -> dict:
         "iou": mask_info.get("iou"), "mask_density": mask_info.get("mask_density"),
         "true_density": mask_info.get("true_density"), "density_estimate": mask_info.get("density_estimate"),
         "recovery_s": mask_info.get("recovery_s"),
-        "device": str(device), "wall_s": round(time.time() - start, 3), "finished": time.time(),
-    }
+    }, peft_model

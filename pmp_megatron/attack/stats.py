@@ -423,14 +423,16 @@ def record_role(record: dict) -> str:
 
 
 def group_records(records: Iterable[dict], task: str, score_key: str = "task_loss_after",
-                  before_key: str = "task_loss_before", seq_length: int | None = None) -> Grouped:
+                  before_key: str = "task_loss_before", seq_length: int | None = None,
+                  curve_key: str = "curve") -> Grouped:
     """Group the runner's records of ``task`` by budget, role, adversary and seed.
 
     Adversary labels are ``attacker:adversary`` (an attacker never reuses another's numbers). A diverged
     cell scores its un-attacked value (the attacker falls back to the release). The budget of a cell is
     ``adv_steps * adv_batch_size * seq_length`` tokens with ``seq_length`` (the suite's), else the largest
     ``tokens`` among its adversary's records. With ``seq_length`` the keyless PMP cells' ``curve``
-    (steps, task LOSS) becomes (tokens, loss) curves for ``budget_to_threshold``. An adversary that lacks
+    (steps, task LOSS; ``curve_key`` names another, e.g. ``score_curve``) becomes (tokens, value) curves
+    for ``budget_to_threshold``. An adversary that lacks
     a seed some other cell has is dropped (logged): pairing needs every seed.
     """
     records = [r for r in records if r.get("task") == task]
@@ -460,9 +462,9 @@ def group_records(records: Iterable[dict], task: str, score_key: str = "task_los
             budget = int(rows[0]["adv_steps"]) * int(rows[0]["adv_batch_size"]) * seq_length
         after[budget][role][label] = [float(r[before_key] if r.get(score_key) is None else r[score_key])
                                       for r in rows]
-        if role == "pmp" and seq_length is not None and all(r.get("curve") for r in rows):
+        if role == "pmp" and seq_length is not None and all(r.get(curve_key) for r in rows):
             per_step = int(rows[0]["adv_batch_size"]) * seq_length
-            grouped.curves[label] = [[(float(step) * per_step, float(loss)) for step, loss in r["curve"]]
-                                     for r in rows]
+            grouped.curves[label] = [[(float(step) * per_step, float(value)) for step, value in r[curve_key]
+                                      if value is not None] for r in rows]
     grouped.after = {b: {role: dict(a) for role, a in roles.items()} for b, roles in sorted(after.items())}
     return grouped

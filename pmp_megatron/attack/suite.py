@@ -1,10 +1,14 @@
 """The attack suite: a YAML grid of fine-tuning adversaries, validated into dataclasses and expanded into
 cells (one fine-tuning run each).
 
-A suite file (see ``configs/attacks/smoke.yaml`` and ``full.yaml``)::
+A suite file (see ``configs/attacks/smoke.yaml``, ``results-cpu.yaml`` and ``full.yaml``)::
 
     name: full
-    tasks: [builtin:prose_heldout, {source: builtin:code_test, max_docs: 200}]
+    tasks:
+      - {source: builtin:code_test, max_docs: 200}        # kind lm: token blocks, token top-1 accuracy
+      - {kind: synthetic, source: copy, length: 8}        # copy | reverse | recall, exact match
+      - {kind: classify, name: stdlib_family}             # stdlib test-file family, accuracy
+      - {kind: lm_eval, source: pmp_stdlib_family, train: stdlib_family}  # scored by lm-eval
     pretraining_eval: {source: builtin:prose, max_docs: 200}    # forgetting / base quality
     seq_length: 256            # tokens per block
     eval_blocks: 64            # held-out task blocks (and pretraining-eval blocks)
@@ -14,6 +18,10 @@ A suite file (see ``configs/attacks/smoke.yaml`` and ``full.yaml``)::
     attackers: [unauthorized, authorized, recovery_global, recovery_per_tensor, recovery_init,
                 recovery_seed_guess]
     recovery: {density: null, init_rule: threshold, init_tolerance: null, seed_guesses: 10000}
+    scratch: true              # control: the same architecture from a fresh random init, same budget
+    decision:                  # pre-registered rule (attack.decision), in accuracy points
+      resists: {final_vs_dense: {below: -0.05}}
+      does_not_resist: {final_vs_dense: {above: 0.0}}
     adversaries:               # groups; every list-valued field of a group is a grid axis
       - method: full
         optimizer: [adamw, lion]
@@ -25,10 +33,23 @@ A suite file (see ``configs/attacks/smoke.yaml`` and ``full.yaml``)::
         lr: [1.0e-4, 1.0e-3]
         lora: {rank: [8, 64], alpha: null, target_modules: [q_proj, v_proj]}
 
+Task kinds (``kind``, default ``lm``): ``lm`` (documents -> token blocks; keys source, name, max_docs,
+max_chars, json_key), ``synthetic`` (``attack.synthetic``: source copy | reverse | recall; keys length,
+num_train, num_eval), ``classify`` (``attack.classify``: num_train / num_eval paragraphs per family) and
+``lm_eval`` (source: an lm-eval task of ``configs/evals`` or lm-eval's registry; ``train``: the suite task
+whose training split the attack trains on; ``metric`` (default acc); ``num_eval``: lm-eval's limit). A key
+that does not belong to the task's kind is refused by name. Every task has one primary score, an accuracy
+(higher is better): token top-1 accuracy (lm), exact match (synthetic), label accuracy (classify), the
+lm-eval metric (lm_eval); the task loss is reported beside it.
+
 An *adversary* is one point of a group's grid (method, optimizer, lr, steps, batch size, weight decay,
-schedule, LoRA shape). A *cell* is (model role, attacker, adversary, task, seed). On the PMP release
-every attacker runs every adversary; on the dense baseline only ``unauthorized`` runs (the dense model
-has no mask: its full fine-tuning gain is the reference every PMP gain is divided by).
+schedule, LoRA shape). A *cell* is (model role, attacker, adversary, task, seed); every cell runs once per
+seed of ``seeds`` (the data order and the LoRA init). On the PMP release every attacker runs every
+adversary; on the references (``dense``, ``dense_matched``: other releases; ``scratch``: built from the
+PMP release's config.json with a fresh random init, never the owner's W0) only ``unauthorized`` runs.
+
+``decision`` is parsed by ``attack.decision.parse_rule`` at load time (unknown keys or statistics are
+named); ``pmp-attack report`` applies it to ``attack.stats.headline`` per task.
 
 Unknown keys raise ``ValueError`` naming the key (with a close-match hint); so do bad values.
 """
@@ -47,6 +68,16 @@ from typing import Any
 
 import yaml
 
+TASK_KINDS = ("lm", "synthetic", "classify", "lm_eval")
+TASK_KEYS = {  # the keys each task kind accepts (besides kind)
+    "lm": ("source", "name", "max_docs", "max_chars", "json_key"),
+    "synthetic": ("source", "name", "length", "num_train", "num_eval"),
+    "classify": ("source", "name", "num_train", "num_eval"),
+    "lm_eval": ("source", "name", "train", "metric", "num_eval"),
+}
+_V1_TASK_FIELDS = ("source", "name", "max_docs", "max_chars", "json_key")  # the only fields of v1 cell ids
+CLASSIFY_SOURCE = "stdlib_family"
+ROLES = ("pmp", "dense", "dense_matched", "scratch")
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -68,6 +99,12 @@ class TaskSpec:
     max_docs: int | None = None  # cap on documents read
     max_chars: int | None = None  # cut every document to this many characters
     json_key: str = "text"  # key of the text in a JSONL line
+    kind: str = "lm"  # lm | synthetic | classify | lm_eval
+    length: int = 8  # synthetic: content tokens (copy, reverse) or key-value pairs (recall)
+    num_train: int | None = None  # synthetic: train examples (default 2000); classify: per family (None: all)
+    num_eval: int | None = None  # synthetic: eval examples (256); classify: per family (50); lm_eval: limit
+    train: str | None = None  # lm_eval: name of the suite task whose training split the attack trains on
+    metric: str | None = None  # lm_eval: the lm-eval metric scored (default acc)
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,8 @@ class Suite:
     precision: str = "auto"
     recovery: RecoverySpec = field(default_factory=RecoverySpec)
     adversaries: list[Adversary] = field(default_factory=list)
+    scratch: bool = False  # run the from-scratch control (role ``scratch``)
+    decision: Any = None  # attack.decision.Rule, or None (the report then gives no verdict)
 
     def settings(self) -> dict:
         """The suite-level values every cell's numbers depend on (part of every cell id)."""
@@ -146,7 +185,7 @@ class Suite:
 class Cell:
     """One fine-tuning run: an attacker applying one adversary to one model on one task with one seed."""
 
-    role: str  # "pmp" or "dense"
+    role: str  # pmp | dense | dense_matched | scratch
     attacker: str
     adversary: Adversary
     task: TaskSpec
@@ -220,21 +259,49 @@ def _lrs(value: Any, where: str) -> list[float]:
 
 def _task(value: Any, where: str) -> TaskSpec:
     if isinstance(value, str):
-        value = {"source": value}
-    data = _check_keys(value, [f.name for f in dataclasses.fields(TaskSpec)], where)
+        kind, sep, rest = value.partition(":")
+        short = sep and kind in ("synthetic", "classify")  # synthetic:copy, classify:stdlib_family
+        value = {"kind": kind, "source": rest} if short else {"source": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a task name or a mapping, got {value!r}")
+    kind = _choice(value.get("kind", "lm"), TASK_KINDS, f"{where}.kind")
+    data = _check_keys(value, ["kind", *TASK_KEYS[kind]], f"{where} (kind {kind})")
+    if kind == "classify":
+        data = {"source": CLASSIFY_SOURCE, **data}
+        if data["source"] != CLASSIFY_SOURCE:
+            raise ValueError(f"{where}.source of a classify task must be {CLASSIFY_SOURCE}, got "
+                             f"{data['source']!r}")
     if not isinstance(data.get("source"), str) or not data["source"]:
-        raise ValueError(f"{where}.source must be a non-empty string (builtin:<domain> or a JSONL path)")
+        raise ValueError(f"{where}.source must be a non-empty string (builtin:<domain> or a JSONL path; the "
+                         f"synthetic task; the lm-eval task)")
     source = data["source"]
+    if kind == "synthetic":
+        from pmp_megatron.attack.synthetic import TASKS
+
+        _choice(source, TASKS, f"{where}.source")
+    if kind == "lm_eval" and not isinstance(data.get("train"), str):
+        raise ValueError(f"{where}.train must name the suite task whose training split the attack trains on")
     name = data.get("name") or source.removeprefix("builtin:")
     if "/" in name or name.endswith((".jsonl", ".json")):
         name = os.path.splitext(os.path.basename(name))[0]
-    max_docs = data.get("max_docs")
-    max_chars = data.get("max_chars")
+
+    def count(key: str, minimum: int = 1) -> int | None:
+        return None if data.get(key) is None else _number(data[key], f"{where}.{key}", int, minimum)
+
     return TaskSpec(
-        source=source, name=str(name),
-        max_docs=None if max_docs is None else _number(max_docs, f"{where}.max_docs", int, 1),
-        max_chars=None if max_chars is None else _number(max_chars, f"{where}.max_chars", int, 1),
-        json_key=str(data.get("json_key", "text")))
+        source=source, name=str(name), max_docs=count("max_docs"), max_chars=count("max_chars"),
+        json_key=str(data.get("json_key", "text")), kind=kind,
+        length=_number(data.get("length", 8), f"{where}.length", int, 1),
+        num_train=count("num_train"), num_eval=count("num_eval"), train=data.get("train"),
+        metric=None if data.get("metric") is None else str(data["metric"]))
+
+
+def task_payload(task: TaskSpec) -> dict:
+    """The task's part of a cell id: the v1 fields, plus every v2 field that differs from its default (so
+    the ids of v1 tasks stay what they were)."""
+    defaults = TaskSpec(source="")
+    return {k: v for k, v in dataclasses.asdict(task).items()
+            if k in _V1_TASK_FIELDS or v != getattr(defaults, k)}
 
 
 _GROUP_KEYS = ["method", "optimizer", "lr", "steps", "batch_size", "weight_decay", "schedule",
@@ -313,6 +380,19 @@ def suite_from_dict(data: dict) -> Suite:
     adversaries = list(dict.fromkeys(a for i, g in enumerate(groups) for a in _group(g, f"adversaries[{i}]")))
     seeds = [_number(s, "suite.seeds", int) for s in _as_list(data.get("seeds", [0]))]
     pre = data.get("pretraining_eval")
+    by_name = {t.name: t for t in tasks}
+    for t in tasks:
+        if t.kind == "lm_eval" and (t.train not in by_name or by_name[t.train].kind == "lm_eval"):
+            raise ValueError(f"task {t.name!r}: train {t.train!r} must name another suite task that is not "
+                             f"lm_eval; tasks: {', '.join(names)}")
+    decision = None
+    if data.get("decision") is not None:
+        from pmp_megatron.attack.decision import parse_rule
+
+        decision = parse_rule(data["decision"])
+    scratch = data.get("scratch", False)
+    if not isinstance(scratch, bool):
+        raise ValueError(f"suite.scratch must be true or false, got {scratch!r}")
     suite = Suite(
         name=str(data.get("name", "suite")), tasks=tasks,
         pretraining_eval=None if pre is None else _task(pre, "suite.pretraining_eval"),
@@ -322,7 +402,7 @@ def suite_from_dict(data: dict) -> Suite:
         eval_every=_number(data.get("eval_every", 0), "suite.eval_every", int, 0),
         seeds=seeds or [0], attackers=list(dict.fromkeys(attackers)),
         precision=_choice(data.get("precision", "auto"), PRECISIONS, "suite.precision"),
-        recovery=recovery, adversaries=adversaries)
+        recovery=recovery, adversaries=adversaries, scratch=scratch, decision=decision)
     return suite
 
 
@@ -348,15 +428,20 @@ def _cell_id(payload: dict) -> str:
 
 def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | None = None,
                  regen_id: str | None = None, attackers: list[str] | None = None) -> list[Cell]:
-    """All cells of the suite, PMP first then dense, in a fixed order.
+    """All cells of the suite, in role order (pmp, dense, dense_matched, scratch), a fixed order.
 
-    ``model_ids`` maps role (``pmp``, optionally ``dense``) to the model identity; ``mask_sha256`` and
-    ``regen_id`` identify the owner's key and the regeneration seed + init config (they enter the ids of
-    the cells that use them). ``attackers`` restricts the suite's attackers.
+    ``model_ids`` maps role (``pmp``, optionally ``dense``, ``dense_matched``, ``scratch``) to the model
+    identity; ``mask_sha256`` and ``regen_id`` identify the owner's key and the regeneration seed + init
+    config (they enter the ids of the cells that use them). ``attackers`` restricts the suite's attackers.
+    The role enters the ids of the new roles, and of ``dense`` only when it is the PMP model itself (an
+    identical copy attacked against itself must not share cell ids); older ids stay what they were.
     """
     chosen = suite.attackers if attackers is None else [a for a in suite.attackers if a in attackers]
     if "pmp" not in model_ids:
         raise ValueError("expand_cells needs the PMP model's identity (role 'pmp')")
+    unknown = sorted(set(model_ids) - set(ROLES))
+    if unknown:
+        raise ValueError(f"expand_cells: unknown roles {unknown}; known: {', '.join(ROLES)}")
     if "authorized" in chosen and mask_sha256 is None:
         raise ValueError("attacker 'authorized' needs the owner's mask (--mask FILE), or drop it with "
                          "--attackers")
@@ -365,14 +450,19 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
                          "--seed-for-regeneration N), or drop it with --attackers")
     settings = suite.settings()
     cells = []
-    for role in ("pmp", "dense"):
+    for role in ROLES:
         if role not in model_ids:
             continue
         role_attackers = chosen if role == "pmp" else list(DENSE_ATTACKERS)
         for task, attacker, adv, seed in itertools.product(suite.tasks, role_attackers, suite.adversaries,
                                                            suite.seeds):
             payload = {"model": model_ids[role], "attacker": attacker, "adversary": dataclasses.asdict(adv),
-                       "task": dataclasses.asdict(task), "seed": seed, "settings": settings}
+                       "task": task_payload(task), "seed": seed, "settings": settings}
+            self_copy = role == "dense" and model_ids[role] == model_ids["pmp"]
+            if role in ("dense_matched", "scratch") or self_copy:
+                payload["role"] = role
+            if task.kind == "lm_eval":  # the training data's definition is part of the cell
+                payload["train_task"] = task_payload(next(t for t in suite.tasks if t.name == task.train))
             if attacker == "authorized":
                 payload["mask"] = mask_sha256
             if attacker in RECOVERY_ATTACKERS:  # seed_guesses enters only its attacker's ids (older ids stay)

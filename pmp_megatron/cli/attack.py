@@ -4,7 +4,11 @@
     pmp-attack --suite configs/attacks/smoke.yaml --model PMP_HF_DIR [--dense-model DENSE_HF_DIR]
                [--mask MASK_FILE] [--seed-for-regeneration N [--model-config YAML]] [--rho R]
                [--out RESULTS.jsonl] [--workers N | --slurm partition=P,time=60,max_concurrent=8]
-    pmp-attack report RESULTS.jsonl [MORE.jsonl ...] --out DIR
+               [--dense-matched-model DIR]
+    pmp-attack report RESULTS.jsonl [MORE.jsonl ...] --out DIR [--suite SUITE.yaml]
+
+The report leads with the verdict of the suite's pre-registered decision rule (``decision:``) and the
+intervals that decided it; ``report`` needs ``--suite`` for it.
 
 Attackers whose inputs are missing (``authorized`` without ``--mask``, ``recovery_init`` without a v2 key
 that carries the W0 seed or ``--seed-for-regeneration``) are dropped with a warning unless named in
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from pmp_megatron.attack.run import format_summary, prepare, run_suite
 
-_EPILOG = "Report mode: pmp-attack report RESULTS.jsonl [MORE.jsonl ...] --out DIR"
+_EPILOG = "Report mode: pmp-attack report RESULTS.jsonl [MORE.jsonl ...] --out DIR [--suite YAML]"
 
 
 def _attack_parser() -> argparse.ArgumentParser:
@@ -31,6 +35,8 @@ def _attack_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, help="suite YAML (configs/attacks/*.yaml)")
     p.add_argument("--model", required=True, help="the PMP release (HF directory)")
     p.add_argument("--dense-model", help="the dense baseline's release (HF directory), for gain ratios")
+    p.add_argument("--dense-matched-model",
+                   help="a dense release whose base loss matches the PMP release's (matched-start control)")
     p.add_argument("--mask", help="the owner's private mask file (authorized attacker, recovery IoU)")
     p.add_argument("--seed-for-regeneration", type=int,
                    help="a known public W0 seed, when no v2 key is given (enables recovery_init)")
@@ -52,6 +58,7 @@ def _report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmp-attack report", description="Tables and plots from results JSONL.")
     p.add_argument("results", nargs="+", help="results JSONL file(s)")
     p.add_argument("--out", required=True, help="output directory (report.md + PNGs)")
+    p.add_argument("--suite", help="the suite YAML whose decision rule gives the verdict")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -59,7 +66,8 @@ def _report_parser() -> argparse.ArgumentParser:
 def _attack(argv: list[str]) -> int:
     args = _attack_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    inputs = {"dense_model": args.dense_model, "mask": args.mask,
+    inputs = {"dense_model": args.dense_model, "dense_matched_model": args.dense_matched_model,
+              "mask": args.mask,
               "seed_for_regeneration": args.seed_for_regeneration, "model_config": args.model_config,
               "rho": args.rho, "device": args.device,
               "attackers": [a.strip() for a in args.attackers.split(",") if a.strip()] if args.attackers
@@ -87,7 +95,12 @@ def _report(argv: list[str]) -> int:
         if not Path(path).is_file():
             raise ValueError(f"results file {path} does not exist")
         records += execute.read_results(path)
-    summary = report.write_report(records, args.out)
+    suite = None
+    if args.suite:
+        from pmp_megatron.attack.suite import load_suite
+
+        suite = load_suite(args.suite)
+    summary = report.write_report(records, args.out, suite)
     sys.stdout.write(format_summary(summary) + "\n")
     sys.stdout.write(f"wrote {Path(args.out) / 'report.md'}\n")
     return 0

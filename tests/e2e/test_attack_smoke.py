@@ -1,7 +1,10 @@
 """The attack suite end to end on two tiny HF Llama releases (a synthetic "PMP" one whose complement is
 0.9 * W0, and a dense one), through ``pmp-attack``: one JSON line per cell with finite numbers, the
 authorized attacker changes only masked-in entries (bit for bit), init regeneration recovers the mask
-exactly, a rerun skips every finished cell, and ``pmp-attack report`` writes the report and plots."""
+exactly, a rerun skips every finished cell, and ``pmp-attack report`` writes the report (verdict first)
+and plots. Evaluation v2 through the real runner: a release attacked against an identical copy of itself
+is never judged to resist; one whose parameters cannot move (lr 0) resists; synthetic and classify cells
+give accuracy records; sharing one loaded model between cells gives the records of a fresh load."""
 
 import json
 import math
@@ -9,6 +12,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pmp_megatron.attack import runner
@@ -73,14 +77,16 @@ def test_smoke_suite_end_to_end(releases, capsys):
         assert run("attack", [*_args(r, out), "--report", str(r["tmp"] / "run_report")]) == 0
         first = time.time() - start
         lines = out.read_text().splitlines()
-        assert len(lines) == 18 == len(states)  # 3 adversaries x (5 PMP attackers + 1 dense)
+        assert len(lines) == 72 == len(states)  # 2 tasks x 2 adversaries x 3 seeds x (5 attackers + dense)
         records = [json.loads(line) for line in lines]
-        assert len({rec["id"] for rec in records}) == 18
+        assert len({rec["id"] for rec in records}) == 72
         for rec in records:
             assert rec["status"] == "ok"
             for key in ("task_loss_before", "task_loss_after", "gain", "pretrain_loss_before",
-                        "pretrain_loss_after", "forgetting", "trainable_fraction"):
+                        "pretrain_loss_after", "forgetting", "trainable_fraction", "score_before",
+                        "score_after"):
                 assert math.isfinite(rec[key]), (key, rec)
+            assert rec["metric"] == {"prose_heldout": "token_acc", "copy": "exact_match"}[rec["task"]]
             assert [s for s, _ in rec["curve"]] == [0, 2, 4]
         for rec in records:
             if rec["attacker"] == "recovery_init":
@@ -113,10 +119,100 @@ def test_smoke_suite_end_to_end(releases, capsys):
         assert rerun < first / 2, (rerun, first)
     finally:
         runner.set_trained_state_hook(None)
-    assert "gain ratio" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("VERDICT: ") and "final_vs_dense" in printed and "gain ratio" not in printed
 
     report_dir = r["tmp"] / "report"
-    assert run("attack", ["report", str(out), "--out", str(report_dir)]) == 0
+    assert run("attack", ["report", str(out), "--out", str(report_dir), "--suite", str(SMOKE)]) == 0
     text = (report_dir / "report.md").read_text()
+    assert text.startswith("# Verdict: ")
     assert "Best attack per task" in text and "prose_heldout" in text and "Mask recovery" in text
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["verdict"] in ("resists", "does not resist", "inconclusive")
     assert list(report_dir.glob("*.png"))
+
+
+def _suite(tmp, name, **changes):
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(name=name, **changes)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _verdict(out):
+    from pmp_megatron.attack import execute, report
+    from pmp_megatron.attack.suite import load_suite
+
+    return report.verdict_summary(execute.read_results(out), load_suite(out.with_suffix(".yaml")))
+
+
+def test_identical_copy_is_never_judged_to_resist(releases):
+    """The dense side IS the PMP release: the keyless side also runs a recovery attacker's cells (more
+    chances to win), and the verdict must still not be 'resists' (the smoke rule: 'inconclusive')."""
+    r = releases
+    out = r["tmp"] / "identical.jsonl"
+    _suite(r["tmp"], "identical")
+    assert run("attack", ["--suite", str(out.with_suffix(".yaml")), "--model", str(r["dense"]),
+                          "--dense-model", str(r["dense"]), "--attackers", "unauthorized,recovery_global",
+                          "--out", str(out), "--device", "cpu", "--log-level", "WARNING"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 * 2 * 3 * 3 and {rec["role"] for rec in records} == {"pmp", "dense"}
+    v = _verdict(out)
+    assert v["verdict"] == "inconclusive", v
+
+
+def test_parameters_that_cannot_move_resist(releases):
+    """lr 0 on the PMP side (it cannot move); the dense side (the same weights) learns the LM task."""
+    r = releases
+    out = r["tmp"] / "frozen.jsonl"
+    _suite(r["tmp"], "frozen", tasks=[{"source": "builtin:prose_heldout", "max_docs": 12, "max_chars": 4000}],
+           eval_every=0, attackers=["unauthorized"],
+           adversaries=[{"method": "full", "optimizer": "adamw", "lr": 1.0e-2, "steps": 12, "batch_size": 4}],
+           decision={"resists": {"final_vs_dense": {"below": -0.01}},
+                     "does_not_resist": {"final_vs_dense": {"above": -0.005}}})
+    runner.set_lr_hook(lambda cell, lr: 0.0 if cell.role == "pmp" else lr)
+    try:
+        assert run("attack", ["--suite", str(out.with_suffix(".yaml")), "--model", str(r["dense"]),
+                              "--dense-model", str(r["dense"]), "--out", str(out), "--device", "cpu",
+                              "--log-level", "WARNING"]) == 0
+    finally:
+        runner.set_lr_hook(None)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(rec["score_after"] == rec["score_before"] for rec in records if rec["role"] == "pmp")
+    v = _verdict(out)
+    assert v["verdict"] == "resists", v
+
+
+def test_sharing_one_model_gives_the_records_of_a_fresh_load(releases, tmp_path):
+    """Synthetic and classify cells give accuracy records; the scratch control runs; and every record
+    (losses, scores, curves) is bit-identical whether the cells share one loaded model or load afresh."""
+    from pmp_megatron.attack import execute
+    from pmp_megatron.attack.run import prepare
+
+    r = releases
+    suite = _suite(tmp_path, "shared", scratch=True, eval_every=2, tasks=[
+        {"kind": "synthetic", "source": "reverse", "length": 3, "num_train": 32, "num_eval": 16},
+        {"kind": "classify", "name": "family", "num_train": 4, "num_eval": 3}])
+    cells, ctx = prepare(str(suite), str(r["pmp"]), dense_model=str(r["dense"]), mask=str(r["mask"]),
+                         attackers=["unauthorized", "authorized"], device="cpu")
+    cells = [c for c in cells if c.seed in (0, 1)]
+    volatile = ("wall_s", "finished")
+
+    def records(path, reuse):
+        runner.set_model_reuse(reuse)
+        try:
+            execute.run_cells(cells, ctx, path)
+        finally:
+            runner.set_model_reuse(True)
+        return {rec["id"]: {k: v for k, v in rec.items() if k not in volatile}
+                for rec in execute.read_results(path)}
+
+    shared, fresh = records(tmp_path / "shared.jsonl", True), records(tmp_path / "fresh.jsonl", False)
+    assert shared == fresh
+    assert {rec["role"] for rec in shared.values()} == {"pmp", "dense", "scratch"}
+    assert {(rec["task"], rec["metric"]) for rec in shared.values()} == {("reverse", "exact_match"),
+                                                                         ("family", "accuracy")}
+    for rec in shared.values():
+        assert 0.0 <= rec["score_before"] <= 1.0 and 0.0 <= rec["score_after"] <= 1.0
+        assert [s for s, _ in rec["score_curve"]] == [0, 2, 4]
