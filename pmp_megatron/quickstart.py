@@ -12,7 +12,9 @@ Output layout (stable, for scripts)::
     OUT/private/release-{pmp,dense}/  owner-side manifest and leakage audit of each release
     OUT/results.jsonl         one line per attack cell
     OUT/report/report.md + PNGs
-    OUT/summary.json          base_loss_ratio, gain_ratio, authorized_gain_ratio, recovery_iou, seconds
+    OUT/summary.json          verdict + decision (the smoke suite's rule, its intervals per task), the
+                              older ratios, base_loss_ratio, seconds
+                              (on the smoke suite's tiny budgets `inconclusive` is the expected verdict)
 """
 
 from __future__ import annotations

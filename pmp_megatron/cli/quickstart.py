@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     summary = quickstart.run(args.out)
     from pmp_megatron.attack.run import format_summary
 
-    sys.stdout.write(format_summary(summary) + "\n")
+    sys.stdout.write(format_summary(summary) + "\n")  # the verdict and the intervals that decided it
     sys.stdout.write(f"base_loss_ratio (PMP/dense valid loss) = {summary['base_loss_ratio']:.4f}\n")
     sys.stdout.write(f"outputs: {summary['out']}\n")
     return 0

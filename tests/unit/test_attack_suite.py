@@ -92,7 +92,49 @@ def test_yaml_files_validate_and_full_grid_is_tar_sized():
             assert len(advs) >= 26
     assert len(cells) == len(full.adversaries) * len(full.tasks) * len(full.seeds) * (len(full.attackers) + 1)
     smoke_cells = expand_cells(smoke, {"pmp": "p", "dense": "d"}, "mask", "regen")
-    assert len(smoke_cells) == 18 and max(a.steps for a in smoke.adversaries) <= 8
+    assert len(smoke_cells) == 72 and max(a.steps for a in smoke.adversaries) <= 8
+    for suite in (full, smoke, load_suite(ATTACKS / "results-cpu.yaml")):
+        assert suite.decision is not None and len(suite.seeds) >= 3
+    results = load_suite(ATTACKS / "results-cpu.yaml")
+    assert "prose_heldout" not in [t.name for t in results.tasks] and results.scratch
+    assert {t.kind for t in results.tasks} == {"lm", "synthetic", "classify"}
+    assert "lm_eval" in {t.kind for t in full.tasks}
+
+
+# ----------------------------------------------------------------------------- suite v2
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"decision": {"resists": {"final_vs_dens": {"below": 0}}}}, "final_vs_dens"),
+    ({"decision": {"resists": {"final_vs_dense": {"under": 0}}}}, "under"),
+    ({"decision": {"resist": {}}}, "resist"),
+    ({"tasks": [{"kind": "synthetic", "source": "copy", "max_docs": 3}]}, "max_docs"),
+    ({"tasks": [{"kind": "synthetc", "source": "copy"}]}, "synthetc"),
+    ({"tasks": [{"kind": "synthetic", "source": "sort"}]}, "sort"),
+    ({"tasks": [{"kind": "lm_eval", "source": "x"}]}, "train"),
+    ({"tasks": ["code_test", {"kind": "lm_eval", "source": "x", "train": "nope"}]}, "nope"),
+    ({"scratch": "yes"}, "scratch"),
+])
+def test_v2_parse_errors_name_the_key(change, named):
+    with pytest.raises(ValueError, match=named):
+        _small(**change)
+
+
+def test_v2_tasks_and_controls_expand_with_stable_ids():
+    s = _small(tasks=["builtin:prose_heldout", {"source": "code_test", "max_docs": 5}, "synthetic:copy",
+                      {"kind": "classify", "num_eval": 10},
+                      {"kind": "lm_eval", "source": "pmp_stdlib_family", "train": "stdlib_family"}],
+               scratch=True, decision={"resists": {"final_vs_dense": {"below": -0.05}}})
+    assert [t.kind for t in s.tasks] == ["lm", "lm", "synthetic", "classify", "lm_eval"]
+    assert s.decision.resists[0].statistic == "final_vs_dense"
+    ids = {"pmp": "p", "dense": "d", "dense_matched": "m", "scratch": "s"}
+    cells = expand_cells(s, ids, "m", None)
+    old = expand_cells(_small(), {"pmp": "p", "dense": "d"}, "m", None)
+    assert {c.id for c in old} <= {c.id for c in cells}  # v1 cells keep their ids under v2
+    assert cells[0].id == "ad73507e8f8b9d16"
+    assert len({c.id for c in cells}) == len(cells) == 8 * 2 * 5 * (3 + 3)
+    same = expand_cells(_small(), {"pmp": "p", "dense": "p"}, "m", None)  # an identical copy as dense
+    assert len({c.id for c in same}) == len(same)
 
 
 def test_log_spaced_lrs():
