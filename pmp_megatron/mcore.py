@@ -209,6 +209,14 @@ def all_gather_object(obj, group=None) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0, group=None):
+    """Global rank ``src``'s ``obj`` on every rank of ``group`` (pickled; the other ranks' ``obj`` is
+    ignored)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group, device=group_device(group))
+    return box[0]
+
+
 def barrier(group=None) -> None:
     if group_device(group).type == "cuda":
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])

@@ -1,16 +1,19 @@
 """Checkpoints: megatron-core dist_checkpointing (torch_dist) of model, PMP masks, optimizer, scheduler,
-data position and PMP stage -- reshardable to any TP/PP/DP layout, published atomically.
+data position and PMP stage -- reshardable to any TP/PP/DP layout, published atomically, content-hashed.
 
-Layout of ``checkpoint.dir``::
+Layout of a checkpoint root (``checkpoint.dir``, and ``checkpoint.dir/stage1`` for Stage I)::
 
     iter_0000100/          a dist checkpoint (one folder per saved iteration)
-      pmp_manifest.json    every file of the folder with its size (written last: a folder without it is
-                           partial; a size mismatch names the truncated file)
-    latest                 the newest complete iteration, replaced atomically
+      pmp_manifest.json    every file of the folder with its size and sha256 (written last: a folder
+                           without it is partial; a size or hash mismatch names the file)
+    latest                 the iteration to resume from, replaced atomically
 
-A save writes ``iter_N.tmp/``, then rank 0 writes the manifest, renames the folder into place, updates
-``latest`` and keeps the newest ``keep_last``. A load tries ``latest`` and, if that checkpoint is partial
-or corrupted, logs which file is wrong and falls back to the previous complete one.
+A save writes ``iter_N.tmp/``; the ranks hash its files (each a share), rank 0 writes the manifest,
+renames the folder into place, updates ``latest`` and keeps the newest ``keep_last``. The resume point
+is the newest checkpoint that verifies at or below the iteration in ``latest`` (so editing ``latest``
+rolls a run back); a checkpoint that fails verification is skipped with the file named in the log.
+A full disk during a save raises ``OSError(ENOSPC)`` naming the folder and leaves the previous
+checkpoint and ``latest`` as they were.
 
 Iteration 0 with ``checkpoint.save_init`` is W0 (the rewind point), masks included in PMP mode.
 No RNG state is saved because training draws no random numbers: there is no dropout, and the data order
@@ -19,6 +22,8 @@ is a function of the consumed-sample count. That is why a resumed run reproduces
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -26,14 +31,17 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pmp_megatron import mcore
+from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.pmp import masks as pmp_masks
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "pmp_manifest.json"
 LATEST = "latest"
+_BLOCK = 1 << 20  # bytes read at a time when hashing
 
 
 class CheckpointError(RuntimeError):
@@ -53,22 +61,98 @@ def complete_iterations(root: str | os.PathLike) -> list[int]:
     return sorted(its, reverse=True)
 
 
-def verify(folder: Path) -> None:
-    """Raise CheckpointError naming the missing or truncated file."""
+def read_latest(root: str | os.PathLike) -> int | None:
+    """The iteration in ``root/latest``, or None when there is none (or it is not a number: logged)."""
+    path = Path(root) / LATEST
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        logger.error("%s holds %r, not an iteration: ignoring it", path, text[:40])
+        return None
+    return int(text)
+
+
+def candidates(root: str | os.PathLike) -> list[int]:
+    """Published iterations at or below the one in ``latest`` (all of them without it), newest first:
+    the resume points in order of preference, before verification."""
+    limit = read_latest(root)
+    return [it for it in complete_iterations(root) if limit is None or it <= limit]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{folder} is partial: {MANIFEST} is missing")
     try:
-        sizes = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{manifest} is corrupted: {e}") from e
-    for name, size in sizes.items():
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CheckpointError(f"{manifest} is corrupted: no 'files' mapping")
+    return data
+
+
+def _check_files(folder: Path, manifest: dict, names: list[str]) -> None:
+    """Size and (when the manifest has them) sha256 of ``names``; CheckpointError naming the first bad one."""
+    hashes = manifest.get("sha256") or {}
+    for name in names:
         path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {path} is truncated or modified "
-                                  f"({path.stat().st_size} bytes, expected {size})")
+        size = manifest["files"][name]
+        try:
+            actual = path.stat().st_size if path.is_file() else None
+            if actual is None:
+                raise CheckpointError(f"checkpoint file {path} is missing")
+            if actual != size:
+                raise CheckpointError(f"checkpoint file {path} is truncated or modified "
+                                      f"({actual} bytes, expected {size})")
+            if name in hashes and file_sha256(path) != hashes[name]:
+                raise CheckpointError(f"checkpoint file {path} is corrupted (its sha256 differs from the "
+                                      f"manifest's, same size {size})")
+        except OSError as e:
+            raise CheckpointError(f"checkpoint file {path} is unreadable: {e}") from e
+
+
+def verify(folder: Path) -> None:
+    """Check every file of a checkpoint folder against its manifest (size and sha256); raise
+    CheckpointError naming the missing, truncated, corrupted or unreadable file. A manifest written
+    before hashes were recorded gets the size check only (logged)."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if "sha256" not in manifest:
+        logger.warning("%s has no content hashes (saved by an older version): checking sizes only", folder)
+    _check_files(folder, manifest, sorted(manifest["files"]))
+
+
+def verify_collective(folder: Path) -> None:
+    """``verify`` shared by every rank (each hashes its share of the files); the same CheckpointError, if
+    any, on every rank. All ranks must call it."""
+    folder = Path(folder)
+    try:
+        manifest = _read_manifest(folder)
+        names = sorted(manifest["files"])
+        rank, world = dist.get_rank(), dist.get_world_size()
+        _check_files(folder, manifest, names[rank::world])
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    errors = [e for e in mcore.all_gather_object(error) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+    if "sha256" not in manifest and dist.get_rank() == 0:
+        logger.warning("%s has no content hashes (saved by an older version): checked sizes only", folder)
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -94,45 +178,121 @@ def build_sharded_state_dict(chunks, optimizer, cfg, common: dict, is_loading: b
     return state
 
 
+# ----------------------------------------------------------------------------- save
+
+
+def _errno(exc: BaseException, _seen: set | None = None) -> int | None:
+    """The errno of an OSError anywhere in ``exc``'s chain, including the per-rank failures that
+    torch.distributed.checkpoint wraps (``CheckpointException.failures``), or ENOSPC when only its
+    message survived (a writer process's error passed back as text)."""
+    seen = set() if _seen is None else _seen
+    if exc is None or id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    nested = [exc.__cause__, exc.__context__]
+    failures = exc.failures.values() if isinstance(exc, CheckpointException) else ()
+    nested += [f[0] if isinstance(f, tuple) else f for f in failures]  # (exception, traceback) per rank
+    nested += [a for a in exc.args if isinstance(a, BaseException)]
+    for inner in nested:
+        if isinstance(inner, BaseException) and (code := _errno(inner, seen)):
+            return code
+    return errno.ENOSPC if "No space left on device" in str(exc) else None
+
+
+def _agree(error: BaseException | None, final: Path, tmp: Path) -> None:
+    """Collective: if any rank failed, remove the partial ``tmp`` (rank 0) and raise on every rank --
+    ``OSError(ENOSPC)`` naming the folder when a disk was full, else the failing rank's own error (a
+    CheckpointError quoting it on the others)."""
+    codes = mcore.all_gather_object(None if error is None else (_errno(error), f"{type(error).__name__}: "
+                                                                             f"{error}"))
+    failed = [(rank, c) for rank, c in enumerate(codes) if c is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if any(code == errno.ENOSPC for _, (code, _) in failed):
+        raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint {final} (the previous "
+                                    f"checkpoint and '{LATEST}' are unchanged)", str(final)) from error
+    if error is not None:
+        raise error
+    rank, (_, message) = failed[0]
+    raise CheckpointError(f"saving checkpoint {final} failed on rank {rank}: {message}")
+
+
 def save(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, common: dict,
          keep_last: int | None = None) -> Path:
     """Save a checkpoint of ``iteration`` and publish it (every rank calls this)."""
     root = Path(root)
     final = iter_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    mcore.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    _agree(error, final, tmp)
     common = dict(common, iteration=iteration, has_masks=pmp_masks.has_masks(chunks))
     state = build_sharded_state_dict(chunks, optimizer, cfg, common, is_loading=False)
-    mcore.dist_checkpointing.save(state, str(tmp))
-    mcore.barrier()
+    error = None
+    try:
+        mcore.dist_checkpointing.save(state, str(tmp))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any failure
+        error = e
+    _agree(error, final, tmp)
+    # Every file is written now; each rank hashes a share of them.
+    error, mine = None, {}
+    try:
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        mine = {n: ((tmp / n).stat().st_size, file_sha256(tmp / n))
+                for n in names[dist.get_rank()::dist.get_world_size()]}
+    except OSError as e:
+        error = e
+    _agree(error, final, tmp)
+    entries = {}
+    for part in mcore.all_gather_object(mine):
+        entries.update(part)
+    error = None
     if dist.get_rank() == 0:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, iteration)
-        if keep_last:
-            for old in complete_iterations(root)[keep_last:]:
-                if old != 0:  # W0 (the rewind point) is kept
-                    shutil.rmtree(iter_dir(root, old), ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
-    mcore.barrier()
+        try:
+            _publish(root, iteration, tmp, final, dict(sorted(entries.items())), keep_last)
+        except OSError as e:
+            error = e
+    _agree(error, final, tmp)
     return final
 
 
-def _write_latest(root: Path, iteration: int) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, root / LATEST)
+def _publish(root: Path, iteration: int, tmp: Path, final: Path, entries: dict,
+             keep_last: int | None) -> None:
+    """Rank 0: manifest, rename into place, ``latest``, pruning."""
+    manifest = {"iteration": iteration, "files": {n: size for n, (size, _) in entries.items()},
+                "sha256": {n: digest for n, (_, digest) in entries.items()}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # a rolled-back run saving an iteration again: the new one replaces it
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    write_text_atomic(root / LATEST, f"{iteration}\n")
+    if keep_last:
+        # Only iterations up to this one count: newer folders left by a rollback are not ours to prune.
+        for it in [i for i in complete_iterations(root) if i <= iteration][keep_last:]:
+            if it != 0:  # W0 (the rewind point) is kept
+                shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+
+
+# ----------------------------------------------------------------------------- load
 
 
 def latest_valid(root: str | os.PathLike) -> int | None:
-    """The newest iteration that passes ``verify`` (logging why newer ones were skipped), else None."""
-    for it in complete_iterations(root):
+    """The newest iteration at or below ``latest`` that passes ``verify`` (logging, with the file, why
+    newer ones were skipped), else None. One process; see ``verify_collective`` for a world."""
+    for it in candidates(root):
         try:
             verify(iter_dir(root, it))
             return it
@@ -143,16 +303,24 @@ def latest_valid(root: str | os.PathLike) -> int | None:
 
 def read_common(root: str | os.PathLike, iteration: int) -> dict:
     """The non-sharded state (iteration, stage, scheduler, data position) without loading tensors."""
-    return mcore.dist_checkpointing.load_common_state_dict(str(iter_dir(root, iteration)))["common"]
+    folder = iter_dir(root, iteration)
+    try:
+        return mcore.dist_checkpointing.load_common_state_dict(str(folder))["common"]
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a corrupted common state, whatever raised
+        raise CheckpointError(f"could not read the common state of checkpoint {folder}: "
+                              f"{type(e).__name__}: {e}") from e
 
 
-def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg) -> dict:
+def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, verify_files: bool = True) -> dict:
     """Load ``iteration`` into ``chunks`` (and their masks) and ``optimizer``; return the common state.
 
-    Works at any TP/PP/DP layout: weights and masks are resharded by dist_checkpointing.
+    Works at any TP/PP/DP layout: weights and masks are resharded by dist_checkpointing. ``verify_files``
+    False skips ``verify`` (the caller ran ``verify_collective``). Any failure is a CheckpointError naming
+    the folder.
     """
     folder = iter_dir(root, iteration)
-    verify(folder)
+    if verify_files:
+        verify(folder)
     common = read_common(root, iteration)
     if common.get("iteration", iteration) == 0:
         optimizer = None  # W0 (the rewind point) is saved before any step: Adam has no state yet
@@ -160,7 +328,7 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg) -> dic
     template = state.get("pmp_masks")
     try:
         loaded = mcore.dist_checkpointing.load(state, str(folder))
-    except Exception as e:  # noqa: BLE001 - name the folder whatever the backend raised
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - name the folder whatever the backend raised
         raise CheckpointError(f"could not load checkpoint {folder}: {e}") from e
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
@@ -170,4 +338,3 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg) -> dic
     if template is not None:
         pmp_masks.attach_loaded(loaded["pmp_masks"], template)
     return loaded["common"]
-
