@@ -30,7 +30,7 @@ __all__ = [
     "ModelConfig", "ParallelConfig", "DiscoveryConfig", "PMPConfig", "DataConfig", "OptimConfig",
     "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "load_yaml",
-    "parse_split",
+    "parse_split", "resume_differences", "RESUME_FIXED",
 ]
 
 
@@ -54,7 +54,11 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # FP8 scaling recipe
     recompute_granularity: Literal["full", "selective"] | None = None  # activation recomputation
     recompute_num_layers: int = 1  # layers per recompute chunk (granularity "full")
-    seed: int = 42  # seed for weight initialisation
+    # W0 seed. None (default): SECRET -- the Trainer draws a 128-bit seed from OS entropy at the start of a
+    # run and keeps it only in the checkpoints (config.yaml says null); anyone holding it regenerates W0,
+    # and with W0 the mask. An int is a PUBLIC seed (tests, reproductions); resumed runs take the
+    # checkpoint's seed.
+    seed: int | None = None
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (megatron rule)."""
@@ -86,6 +90,7 @@ class DiscoveryConfig:
     patience: int = 5  # consecutive stable checks needed to stop discovery
     lr: float = 2e-5  # learning rate during discovery
     clip_grad: float = 1.0  # gradient-norm clip during discovery
+    save_interval: int = 50  # Stage-I steps between Stage-I checkpoints (0: only on preemption)
 
 
 @dataclass
@@ -138,6 +143,9 @@ class CheckpointConfig:
     save_interval: int = 1000  # steps between saves
     keep_last: int = 2  # number of recent checkpoints kept (0: keep all)
     save_init: bool = False  # also save the step-0 (initial) weights
+    # model.* / pmp.* fields a resumed run may change on purpose (dotted names, e.g.
+    # [pmp.projection_interval]); any other difference from the checkpoint's config is refused
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -236,7 +244,7 @@ class Config:
         o, t = self.optim, self.train
         for name in ("optim.lr", "optim.min_lr", "pmp.discovery.lr", "optim.weight_decay", "optim.clip_grad",
                      "pmp.discovery.clip_grad", "optim.lr_warmup_steps", "train.eval_interval",
-                     "checkpoint.keep_last", "data.num_workers"):
+                     "checkpoint.keep_last", "data.num_workers", "pmp.discovery.save_interval"):
             _check(_get(self, name) >= 0, f"{name} must be >= 0, got {_get(self, name)}")
         _check(o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
         for name in ("optim.adam_beta1", "optim.adam_beta2"):
@@ -251,6 +259,63 @@ class Config:
             _check(shares[1] > 0, f"data.split {self.data.split!r} gives the validation split no documents, "
                                   "but train.eval_interval > 0 evaluates on it; set train.eval_interval=0 "
                                   "or give it a share")
+        known = _resume_fields()
+        for name in self.checkpoint.allow_changes:
+            _check(name in known, f"checkpoint.allow_changes: {name!r} is not a model.* or pmp.* field "
+                                  f"compared on resume (e.g. 'pmp.projection_interval')")
+            _check(name not in RESUME_FIXED, f"checkpoint.allow_changes: {name} cannot change on resume "
+                                             f"({RESUME_FIXED.get(name)}); start a new checkpoint.dir")
+
+
+# ----------------------------------------------------------------------------- resume compatibility
+
+# A resumed run compares every model.* and pmp.* field with its checkpoint's config (``resume_differences``),
+# except this one, which only says how often Stage I is checkpointed.
+_RESUME_IGNORED = frozenset({"pmp.discovery.save_interval"})
+_SHAPES = "the checkpoint's tensors have the old shapes"
+# Fields no resume may change, not even through ``checkpoint.allow_changes`` (why, for the error).
+RESUME_FIXED = {
+    "pmp.mode": "a PMP checkpoint resumed dense would train the complement freely; a dense one has no mask",
+    "pmp.rho": "the mask's density was fixed by Stage I; the exported key would state another rho",
+    "model.seed": "W0 is the checkpoint's",
+    "model.init_method_std": "W0 is the checkpoint's",
+    **{f"model.{name}": _SHAPES for name in ("num_layers", "hidden_size", "num_attention_heads",
+                                              "num_query_groups", "ffn_hidden_size", "vocab_size",
+                                              "untie_embeddings")},
+}
+
+
+def _leaves(a: Any, b: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted name, a's value, b's value) of every leaf field of two config dataclasses of one type."""
+    for f in dataclasses.fields(a):
+        x, y, name = getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(x):
+            yield from _leaves(x, y, f"{name}.")
+        else:
+            yield name, x, y
+
+
+def _resume_fields() -> set[str]:
+    """The dotted names ``resume_differences`` compares."""
+    cfg = Config()
+    return {name for section in ("model", "pmp")
+            for name, _, _ in _leaves(getattr(cfg, section), getattr(cfg, section), f"{section}.")
+            } - _RESUME_IGNORED
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted name, checkpoint's value, ``cfg``'s value) of every model.* / pmp.* field in which ``cfg``
+    differs from a checkpoint's saved config dict (``config_to_dict`` form; fields it predates take their
+    defaults). ``model.seed: None`` in ``cfg`` matches any seed: the run takes the checkpoint's."""
+    old = _build(Config, saved, "")
+    out = []
+    for section in ("model", "pmp"):
+        for name, a, b in _leaves(getattr(old, section), getattr(cfg, section), f"{section}."):
+            if name in _RESUME_IGNORED or (name == "model.seed" and b is None):
+                continue
+            if a != b:
+                out.append((name, a, b))
+    return out
 
 
 _SPLIT_SHARE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")

@@ -76,10 +76,11 @@ def spawn(fn, world_size: int, *args, timeout: float = 600.0) -> list:
 
 
 def debug_config(overrides=(), world_size: int | None = None):
-    """The debug model (configs/model/debug.yaml) in dense mode with ``overrides``."""
+    """The debug model (configs/model/debug.yaml) in dense mode with ``overrides``, and the PUBLIC W0 seed
+    42: tests compare layouts and runs, which must start from one W0 (a run's default seed is secret)."""
     from pmp_megatron.config import load_config
 
-    base = ["pmp.mode=dense", "optim.lr_warmup_steps=0"]
+    base = ["pmp.mode=dense", "optim.lr_warmup_steps=0", "model.seed=42"]
     return load_config(str(DEBUG_MODEL), [*base, *overrides], world_size=world_size)
 
 

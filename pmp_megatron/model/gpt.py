@@ -73,11 +73,11 @@ def transformer_config(cfg: Config) -> mcore.TransformerConfig:
     )
 
 
-def build_model(cfg: Config) -> list[mcore.GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised to W0.
+def build_model(cfg: Config, init_w0: bool = True) -> list[mcore.GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised to W0 (from ``model.seed``).
 
     Needs megatron's groups first (``mcore.setup_parallel``). Chunks are on ``mcore.device()``, unwrapped
-    (no DDP).
+    (no DDP). ``init_w0=False`` leaves the weights uninitialised, for a checkpoint to overwrite them all.
     """
     tcfg = transformer_config(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
@@ -103,5 +103,6 @@ def build_model(cfg: Config) -> list[mcore.GPTModel]:
         )
         chunk.to(mcore.device())
         chunks.append(chunk)
-    model_init.initialize(chunks, cfg)
+    if init_w0:
+        model_init.initialize(chunks, cfg)
     return chunks

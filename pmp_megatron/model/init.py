@@ -12,6 +12,9 @@ from pmp_megatron.model.w0 import w0_tensor
 @torch.no_grad()
 def initialize(chunks, cfg) -> None:
     """Overwrite every parameter of ``chunks`` with its shard of W0."""
+    if cfg.model.seed is None:
+        raise ValueError("model.seed is None: W0 needs a seed (the Trainer draws a secret one when a run "
+                         "starts; give an int for a public, reproducible W0)")
     for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
         full = w0_tensor(name, info.global_shape, cfg.model.seed, cfg.model.init_method_std)
         param.copy_(info.to_local(full, param.shape).to(param.device, param.dtype))

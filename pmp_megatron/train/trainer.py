@@ -4,15 +4,23 @@ megatron-core, resumable after any interruption and at another TP/PP/DP layout.
 ``Trainer(cfg).run()`` under torchrun or srun is ``setup()``, ``build()``, ``train(state)``:
 
 1. ``setup``: distributed setup (gloo on CPU with the shim, NCCL on GPUs) and megatron's TP/PP/DP groups;
-   data: the tokenizer and GPTDataset splits/blends of ``data.data_path``;
-2. ``build``: resume from the newest valid checkpoint in ``checkpoint.dir``, or start: in PMP mode run
-   Stage I (``train.discovery``) and rewind to W0; iteration 0 (W0 + masks) is saved in PMP mode and, with
-   ``checkpoint.save_init``, in dense mode. Stage I reads the first batches of the training stream and
-   Stage II starts that stream again from its beginning: the rewind resets the data as well as W0;
+   the resume point (``train.resume``: the newest valid checkpoint at or below ``latest``, else a Stage-I
+   checkpoint), refusing a config whose ``model.*``/``pmp.*`` settings differ from it before anything is
+   written; the W0 seed (the checkpoint's, else a fresh SECRET one when ``model.seed`` is None, which
+   only the checkpoints keep: ``config.yaml`` says null); data: the tokenizer and GPTDataset splits/blends
+   of ``data.data_path``;
+2. ``build``: resume from that checkpoint (falling back to older valid ones when a load fails), or start:
+   in PMP mode run Stage I (``discover``: preemptible, checkpointed under ``run_dir/stage1``, resumed from
+   there) and rewind to W0; iteration 0 (W0 + masks) is saved in PMP mode and, with
+   ``checkpoint.save_init``, in dense mode, and the Stage-I checkpoints are then removed. Stage I reads the
+   first batches of the training stream and Stage II starts that stream again from its beginning: the
+   rewind resets the data as well as W0;
 3. ``train``: the loop: ``train.step.train_step`` (forward-backward through megatron's schedules, the PMP
    gradient mask inside it, the optimizer step), LR schedule, the PMP complement policy, periodic eval,
    logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA; ``metrics.jsonl`` and optional
    tensorboard), checkpoints, and preemption (save, exit 42).
+
+``run`` does all three and also exits 42 when a preemption signal stops Stage I.
 
 Benchmarks and tests drive the same pieces: a batch source given to the constructor replaces the datasets,
 ``build(masks=...)`` skips Stage I, and ``train(state, steps, on_step=...)`` runs a given number of steps
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,8 +48,8 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import masks as pmp_masks
 from pmp_megatron.pmp.update import MaskedUpdate
-from pmp_megatron.train import checkpoint, signals
-from pmp_megatron.train.discovery import discover
+from pmp_megatron.train import checkpoint, resume, signals
+from pmp_megatron.train.discovery import DiscoveryResult, discover
 from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
 from pmp_megatron.train.step import forward_backward, train_step, wrap_ddp
 
@@ -62,12 +71,19 @@ class TrainState:
     iteration: int = 0  # optimizer steps taken
 
 
+class Preempted(Exception):
+    """A preemption signal stopped Stage I inside ``build`` (its state is checkpointed; ``run`` exits 42)."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, batches: BatchSource | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
         self._source = batches
         self._tb = None
+        self._start: resume.Start | None = None  # the checkpoint to resume from (``_resolve_start``)
+        self._resolved = False
+        self.seed_secret = cfg.model.seed is None  # whether W0's seed is secret (set by ``_resolve_start``)
 
     @property
     def world(self) -> int:
@@ -80,19 +96,32 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         """Process and run setup: torch.distributed and megatron's groups (the RNG tracker seeded with
-        ``train.seed``), the preemption handlers, the run dir with the resolved ``config.yaml``, and the
-        datasets unless a batch source was given."""
+        ``train.seed``, never the W0 seed), the preemption handlers, the resume point and W0 seed (a config
+        that may not continue the checkpoint raises ValueError here, before anything is written), the run
+        dir with the resolved ``config.yaml`` (a secret seed as null), and the datasets unless a batch
+        source was given."""
         mcore.init_distributed()  # first on its own: the config is validated against the world size
         self.cfg.validate(self.world)
         p = self.cfg.parallel
         mcore.setup_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                              p.virtual_pipeline_model_parallel_size, rng_seed=self.cfg.train.seed)
         signals.install()
+        self._resolve_start()
         if self.rank == 0 and self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(resume.public_config(self.cfg, self.seed_secret), self.run_dir / "config.yaml")
         if self._source is None:
             self._build_data()
+
+    def _resolve_start(self) -> None:
+        """Once: the resume point, its compatibility with this config, and the W0 seed (collective)."""
+        if self._resolved:
+            return
+        self._start = resume.find_start(self.run_dir) if self.run_dir else None
+        if self._start is not None:
+            resume.check_compatible(self.cfg, self._start)
+        self.seed_secret = resume.resolve_seed(self.cfg, self._start)
+        self._resolved = True
 
     def _build_data(self) -> None:
         from pmp_megatron.data.datasets import build_datasets
@@ -134,46 +163,88 @@ class Trainer:
 
     # ---------------------------------------------------------------- build
     def build(self, masks: dict[str, torch.Tensor] | None = None) -> TrainState:
-        """The state training starts from: the newest valid checkpoint in ``checkpoint.dir`` if there is
-        one; else W0 with, in PMP mode, the masks of Stage I, or ``masks`` (this rank's local mask per
-        canonical parameter name) instead of running Stage I. A fresh start saves iteration 0 in PMP mode
-        and, with ``checkpoint.save_init``, in dense mode. Needs megatron's parallel groups (``setup``)."""
+        """The state training starts from: the checkpoint found by ``setup`` (an older valid one when it
+        fails to load); else W0 with, in PMP mode, the masks of Stage I (``discover``; ``Preempted`` if a
+        preemption signal stops it), or ``masks`` (this rank's local mask per canonical parameter name)
+        instead of running Stage I. A fresh start saves iteration 0 in PMP mode and, with
+        ``checkpoint.save_init``, in dense mode, then removes the Stage-I checkpoints. Needs megatron's
+        parallel groups (``setup``)."""
         cfg = self.cfg
-        root = self.run_dir
-        start = checkpoint.latest_valid(root) if root else None
-        fresh_pmp = start is None and cfg.pmp.mode == "pmp"
-        if fresh_pmp and masks is None:
-            batches = self.batches("train", 0)
-            result = discover(cfg, lambda step: next(batches))
+        self._resolve_start()
+        start = self._start
+        if start is not None and not start.stage1:
+            return self._resume(start)
+        if cfg.pmp.mode == "pmp" and masks is None:
+            result = self.discover()
+            if result.preempted:
+                raise Preempted(f"preempted at stage I step {result.steps}")
             masks = result.masks
-            self._write_metrics([dict(stage="discovery", **h) for h in result.history])
         # Stage II (or dense) from W0: the rewind is a fresh build from the seed.
         chunks = build_model(cfg)
-        if fresh_pmp:
+        if cfg.pmp.mode == "pmp":
             pmp_masks.attach(chunks, cfg.model.vocab_size, masks)
         model = wrap_ddp(chunks, cfg)
         optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg)
-        state = TrainState(model, optimizer, scheduler, rule=None)
-        if start is not None:
-            common = checkpoint.load(root, start, model, optimizer, cfg)
-            scheduler.load_state_dict(common["scheduler"])
-            state.iteration = common["iteration"]
-            logger.info("resumed from %s", checkpoint.iter_dir(root, start))
-        elif root and (cfg.pmp.mode == "pmp" or cfg.checkpoint.save_init):
+        state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), rule=None)
+        if self.run_dir and (cfg.pmp.mode == "pmp" or cfg.checkpoint.save_init):
             self._save(state)
+        if self.run_dir and self.rank == 0:
+            shutil.rmtree(self.run_dir / resume.STAGE1_DIR, ignore_errors=True)  # iteration 0 supersedes it
+        self._start = None
+        return self._with_rule(state)
+
+    def _resume(self, start: resume.Start) -> TrainState:
+        """The state of checkpoint ``start``, or of an older valid one if it fails to load."""
+        cfg = self.cfg
+
+        def make():
+            model = wrap_ddp(build_model(cfg, init_w0=False), cfg)  # every weight comes from the checkpoint
+            return model, build_optimizer(model, cfg)
+
+        loaded, model, optimizer = resume.load_with_fallback(cfg, start, make)
+        scheduler = build_scheduler(optimizer, cfg)
+        scheduler.load_state_dict(loaded.common["scheduler"])
+        state = TrainState(model, optimizer, scheduler, rule=None, iteration=loaded.common["iteration"])
+        logger.info("resumed from %s", checkpoint.iter_dir(loaded.root, loaded.iteration))
+        return self._with_rule(state)
+
+    def _with_rule(self, state: TrainState) -> TrainState:
+        cfg = self.cfg
         if cfg.pmp.mode == "pmp":
-            state.rule = MaskedUpdate(model, optimizer, cfg)
+            state.rule = MaskedUpdate(state.model, state.optimizer, cfg)
             logger.info("Stage II: PMP with %.4f of the parameters trainable (complement: %s%s)",
-                        pmp_masks.density(chunks, cfg.model.vocab_size), cfg.pmp.complement,
+                        pmp_masks.density(state.model, cfg.model.vocab_size), cfg.pmp.complement,
                         ", projected" if cfg.pmp.projection else "")
         return state
 
+    def discover(self) -> DiscoveryResult:
+        """Stage I from W0, or from the Stage-I checkpoint found by ``setup``; checkpointed under
+        ``run_dir/stage1`` (every ``pmp.discovery.save_interval`` steps and on preemption). Its history
+        goes to the metrics step by step."""
+        start = self._start if self._start is not None and self._start.stage1 else None
+        gbs = self.cfg.train.global_batch_size
+        stream = {}
+
+        def microbatches(step: int) -> list[dict]:
+            if "it" not in stream:  # the training stream from this step's position (Stage I's own)
+                stream["it"] = self.batches("train", step * gbs)
+            return next(stream["it"])
+
+        root = self.run_dir / resume.STAGE1_DIR if self.run_dir else None
+        return discover(self.cfg, microbatches, root=root, resume=start,
+                        common=dict(w0_seed_secret=self.seed_secret),
+                        on_step=lambda r: self._write_metrics([dict(stage="discovery", **r)]))
+
     # ---------------------------------------------------------------- run
     def run(self) -> int:
-        """Train to ``train.train_steps``; return the process exit code (0, or 42 after preemption)."""
+        """Train to ``train.train_steps``; return the process exit code (0, or 42 after preemption, in
+        Stage I or Stage II)."""
         self.setup()
-        return self.train(self.build())
+        try:
+            state = self.build()
+        except Preempted:
+            return self._requeue_exit(None)
+        return self.train(state)
 
     def train(self, state: TrainState, steps: int | None = None,
               on_step: Callable[[dict], None] | None = None) -> int:
@@ -218,10 +289,15 @@ class Trainer:
             if on_step is not None:
                 on_step(record)
             if stop:
-                logger.warning("preempted at step %d: checkpoint saved, exiting %d for requeue", iteration,
-                               signals.REQUEUE_EXIT_CODE)
-                return signals.REQUEUE_EXIT_CODE
+                return self._requeue_exit(iteration)
         return 0
+
+    def _requeue_exit(self, iteration: int | None) -> int:
+        """After a preemption checkpoint: the requeue marker and exit code (``signals.requeue_exit``)."""
+        where = f"step {iteration}" if iteration is not None else "stage I"
+        logger.warning("preempted at %s: checkpoint saved, exiting %d for requeue", where,
+                       signals.REQUEUE_EXIT_CODE)
+        return signals.requeue_exit(self.run_dir, iteration)
 
     def evaluate(self, model: list) -> float:
         """Mean token loss over ``train.eval_steps`` global batches of the validation split."""
@@ -233,8 +309,9 @@ class Trainer:
     # ---------------------------------------------------------------- helpers
     def _save(self, state: TrainState) -> None:
         consumed = state.iteration * self.cfg.train.global_batch_size
+        # The config holds the W0 seed: the checkpoint is the one place a secret seed is kept.
         common = dict(scheduler=state.scheduler.state_dict(), config=config_to_dict(self.cfg),
-                      consumed_samples=consumed, pmp_mode=self.cfg.pmp.mode)
+                      consumed_samples=consumed, pmp_mode=self.cfg.pmp.mode, w0_seed_secret=self.seed_secret)
         checkpoint.save(self.run_dir, state.iteration, state.model, state.optimizer, self.cfg, common,
                         self.cfg.checkpoint.keep_last)
 

@@ -29,8 +29,10 @@ def data(tmp_path_factory):
 
 
 def _args(data, run_dir, extra=()):
+    # A public W0 seed: the kill-and-resume test compares two separate runs, which must share W0.
     model, prefix = data
-    return [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}", "data.split=90,10,0",
+    return ["model.seed=42", f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}",
+            "data.split=90,10,0",
             "pmp.mode=pmp", "pmp.rho=0.5", "pmp.projection=true", "pmp.projection_interval=3",
             "pmp.projection_radius=20.0", "pmp.discovery.max_steps=4", "pmp.discovery.lr=1e-3",
             f"train.train_steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8",

@@ -262,3 +262,37 @@ def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ValueError, match="optim.lr_warmup_steps"):
         config_from_dict({"pmp": {"mode": "dense"}, "train": {"train_steps": 10},
                           "optim": {"lr_warmup_steps": 10}})
+
+
+def test_w0_seed_is_secret_by_default():
+    assert ModelConfig().seed is None and load_config(None, RHO).model.seed is None
+    assert load_config(None, [*RHO, "model.seed=42"]).model.seed == 42  # a public seed, given on purpose
+    big = 2**127 + 12345  # a drawn seed is 128 bits: a saved config keeps it exactly
+    assert config_from_dict({"pmp": {"rho": 0.5}, "model": {"seed": big}}).model.seed == big
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_do_not_pin_a_public_w0_seed(path):
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    assert not isinstance(model, dict) or "seed" not in model, f"{path} pins model.seed: W0 would be public"
+
+
+def test_resume_differences_name_model_and_pmp_fields():
+    from pmp_megatron.config import resume_differences
+
+    saved = config_to_dict(load_config(REFERENCE, ["model.seed=7"]))
+    assert resume_differences(saved, load_config(REFERENCE, ["model.seed=7"])) == []
+    # model.seed None (the default) takes the checkpoint's seed; another int does not match it.
+    assert resume_differences(saved, load_config(REFERENCE)) == []
+    assert resume_differences(saved, load_config(REFERENCE, ["model.seed=8"])) == [("model.seed", 7, 8)]
+    new = load_config(REFERENCE, ["pmp.rho=0.9", "pmp.discovery.patience=3", "optim.lr=1.0e-4",
+                                  "parallel.tensor_model_parallel_size=2", "pmp.discovery.save_interval=7"])
+    assert resume_differences(saved, new) == [("pmp.rho", 0.5, 0.9), ("pmp.discovery.patience", 5, 3)]
+
+
+def test_resume_differences_fill_fields_a_checkpoint_predates():
+    from pmp_megatron.config import resume_differences
+
+    saved = config_to_dict(load_config(REFERENCE))
+    del saved["pmp"]["discovery"]["save_interval"]
+    assert resume_differences(saved, load_config(REFERENCE)) == []

@@ -150,3 +150,29 @@ def test_save_config_is_atomic(tmp_path, monkeypatch):
         save_config(cfg, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_discovery_save_interval_is_not_negative():
+    with pytest.raises(ValueError, match=r"pmp\.discovery\.save_interval"):
+        load_config(DEBUG, BASE + ["pmp.discovery.save_interval=-1"])
+    assert load_config(DEBUG, BASE + ["pmp.discovery.save_interval=0"]).pmp.discovery.save_interval == 0
+
+
+@pytest.mark.parametrize("name", ["pmp.projection_intervall", "optim.lr", "pmp", "pmp.discovery",
+                                  "pmp.discovery.save_interval"])
+def test_allow_changes_names_fields_compared_on_resume(name):
+    match = rf"checkpoint\.allow_changes: '{name}' is not a model\.\* or pmp\.\*"
+    with pytest.raises(ValueError, match=match):
+        load_config(DEBUG, BASE + [f"checkpoint.allow_changes=[{name}]"])
+
+
+@pytest.mark.parametrize("name", ["pmp.mode", "pmp.rho", "model.seed", "model.hidden_size"])
+def test_allow_changes_refuses_fields_no_resume_may_change(name):
+    with pytest.raises(ValueError, match=rf"checkpoint\.allow_changes: {name} cannot change on resume"):
+        load_config(DEBUG, BASE + [f"checkpoint.allow_changes=[{name}]"])
+
+
+def test_allow_changes_accepts_known_fields():
+    names = ["pmp.projection_interval", "pmp.complement", "model.recompute_granularity"]
+    cfg = load_config(DEBUG, BASE + [f"checkpoint.allow_changes=[{','.join(names)}]"])
+    assert cfg.checkpoint.allow_changes == names
