@@ -167,8 +167,8 @@ def test_parameters_that_cannot_move_resist(releases):
     r = releases
     out = r["tmp"] / "frozen.jsonl"
     _suite(r["tmp"], "frozen", tasks=[{"source": "builtin:prose_heldout", "max_docs": 12, "max_chars": 4000}],
-           eval_every=0, attackers=["unauthorized"],
-           adversaries=[{"method": "full", "optimizer": "adamw", "lr": 1.0e-2, "steps": 12, "batch_size": 4}],
+           eval_every=0, eval_blocks=64, eval_batch_size=16, attackers=["unauthorized"],
+           adversaries=[{"method": "full", "optimizer": "adamw", "lr": 3.0e-3, "steps": 30, "batch_size": 8}],
            decision={"resists": {"final_vs_dense": {"below": -0.01}},
                      "does_not_resist": {"final_vs_dense": {"above": -0.005}}})
     runner.set_lr_hook(lambda cell, lr: 0.0 if cell.role == "pmp" else lr)
