@@ -122,11 +122,21 @@ def _sample(t: torch.Tensor, n: int) -> torch.Tensor:
     return flat[idx].float()
 
 
-def estimate_density(weights: Mapping[str, torch.Tensor], sample: int = _FIT_SAMPLE) -> float:
-    """Otsu's two-class split of ``log10 |w|`` on a strided sample: the share of the upper class."""
+def estimate_density(weights: Mapping[str, torch.Tensor], sample: int = _FIT_SAMPLE,
+                     ignore_zeros: bool = False) -> float:
+    """Otsu's two-class split of ``log10 |w|`` on a strided sample: the share of the upper class.
+    ``ignore_zeros``: exact zeros (a score that carries no information) join the lower class without
+    entering the split."""
     total = sum(w.numel() for w in weights.values())
     parts = [_sample(w, max(1, math.ceil(sample * w.numel() / total))).cpu() for w in weights.values()]
-    x = torch.cat(parts).abs().clamp_min(1e-30).log10()
+    x = torch.cat(parts).abs()
+    nonzero = 1.0
+    if ignore_zeros:
+        nonzero = float((x > 0).float().mean())
+        x = x[x > 0]
+        if x.numel() == 0:
+            return 0.0
+    x = x.clamp_min(1e-30).log10()
     hist = torch.histc(x, bins=256, min=float(x.min()), max=float(x.max())).double()
     centers = torch.linspace(float(x.min()), float(x.max()), 257, dtype=torch.float64)
     centers = (centers[:-1] + centers[1:]) / 2
@@ -135,7 +145,7 @@ def estimate_density(weights: Mapping[str, torch.Tensor], sample: int = _FIT_SAM
     mu_low = (p * centers).cumsum(0)
     between = (mu_low[-1] * w_low - mu_low) ** 2 / (w_low * (1 - w_low)).clamp_min(1e-12)
     cut = int(between[:-1].argmax())
-    density = float(1.0 - w_low[cut])
+    density = float(1.0 - w_low[cut]) * nonzero
     logger.info("estimated mask density %.4f (Otsu split of log10|w| at %.3f)", density, float(centers[cut]))
     return density
 
