@@ -9,7 +9,13 @@ recovered mask against the true one (the private key file) by intersection over 
 - ``recovery_init``: regenerate W0 from the init seed and find the entries that left ``c * W0``; the seed
   is the KEY's (a v2 key holds it), or one given explicitly for a v1 key -- never a default;
 - ``recovery_seed_guess``: the same without the seed: guess it among small integers and the repo's recipe
-  seeds (a secret 128-bit seed defeats it).
+  seeds (a secret 128-bit seed defeats it);
+- ``recovery_gradient`` and ``recovery_stage1`` (``release.adaptive_recovery``): adaptive attackers that
+  run the release (gradient stationarity over the attacker's own batches) or Stage I from the attacker's
+  own init. They cost forward/backward passes, so they run only when asked: ``audit_release(...,
+  adaptive=AdaptiveAudit())`` (its fields set the batch counts, small by default; ``AdaptiveAudit(
+  attackers=("recovery_gradient",))`` runs one) or ``audit(..., extra_attackers=...)``. The report's
+  ``adaptive`` says whether they ran.
 
 A random guess at density ``d`` scores ``d / (2 - d)`` (the ``chance_iou`` of the report). An overall IoU
 above ``warn_level`` (default 0.5) logs a loud WARNING: the release gives the mask away, and with it the
@@ -24,15 +30,16 @@ the OWNER's directory (``release_audit.json`` beside ``release_manifest.json``),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from pmp_megatron.config import ModelConfig
-from pmp_megatron.release import reader, recovery
+from pmp_megatron.release import adaptive_recovery, reader, recovery
 from pmp_megatron.release.hf_llama import check_architecture, model_config_from_hf
 
 logger = logging.getLogger(__name__)
@@ -110,20 +117,29 @@ def chance_iou(density: float) -> float:
 def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Tensor],
           w0: Iterable[tuple[str, torch.Tensor]] | None = None, release_dtype: str = "float32",
           warn_level: float = DEFAULT_WARN_LEVEL, model_cfg: ModelConfig | None = None,
-          seed_guesses: int = recovery.DEFAULT_SEED_GUESSES) -> dict:
+          seed_guesses: int = recovery.DEFAULT_SEED_GUESSES,
+          extra_attackers: Mapping[str, Callable[[], tuple[dict, dict]]] | None = None) -> dict:
     """Run the recovery attackers on ``weights`` (HF name -> tensor) and score them against
     ``true_masks``; ``w0`` (HF name, W0) pairs enable the init-regeneration attacker, ``model_cfg`` (W0's
-    shapes and std) the seed-guessing one (``seed_guesses`` small seeds). Returns the report."""
+    shapes and std) the seed-guessing one (``seed_guesses`` small seeds). ``extra_attackers``: name -> a
+    call returning ``(masks, info)`` like ``recovery.recover`` (the adaptive attackers), scored alike, one
+    at a time. Returns the report."""
     check_mask_names(true_masks, weight_shapes(weights))
     true = {n: m.to(torch.bool) for n, m in true_masks.items()}
     density = recovery.mask_density(true)
-    attackers: dict[str, dict] = {}
+    runs: dict[str, Callable[[], tuple[dict, dict]]] = {}
     for name in ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess"):
         if (name == "recovery_init" and w0 is None) or (name == "recovery_seed_guess" and model_cfg is None):
             continue
         candidates = recovery.seed_candidates(seed_guesses) if name == "recovery_seed_guess" else None
-        recovered, info = recovery.recover(name, weights, density=density, w0=w0, release_dtype=release_dtype,
-                                           model_cfg=model_cfg, candidates=candidates)
+        runs[name] = functools.partial(recovery.recover, name, weights, density=density, w0=w0,
+                                       release_dtype=release_dtype, model_cfg=model_cfg,
+                                       candidates=candidates)
+    runs.update(extra_attackers or {})
+    attackers: dict[str, dict] = {}
+    for name, run in runs.items():
+        recovered, info = run()
+        check_mask_names(recovered, weight_shapes(weights), f"the mask of attacker {name}")
         attackers[name] = {"iou": iou_by_type(recovered, true),
                            **{k: v for k, v in info.items() if isinstance(v, int | float)}}
         del recovered
@@ -140,6 +156,7 @@ def audit(weights: Mapping[str, torch.Tensor], true_masks: Mapping[str, torch.Te
         "max_iou_attacker": worst,
         "warn_level": warn_level,
         "warning": None,
+        "adaptive": any(name in adaptive_recovery.ADAPTIVE_ATTACKERS for name in attackers),
     }
     if max_iou > warn_level:
         report["warning"] = (f"MASK LEAK: attacker {worst} recovers the private mask from the release alone "
@@ -189,13 +206,15 @@ def check_key_fits(meta: Mapping, source: Mapping, what: str) -> None:
 def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: ModelConfig | None = None,
                   warn_level: float = DEFAULT_WARN_LEVEL, init_attack: bool = True,
                   owner_dir: str | Path | None = None,
-                  seed_guesses: int = recovery.DEFAULT_SEED_GUESSES) -> dict:
+                  seed_guesses: int = recovery.DEFAULT_SEED_GUESSES,
+                  adaptive: adaptive_recovery.AdaptiveAudit | None = None) -> dict:
     """Audit the release in ``model_dir`` against the private key file ``mask_path``.
 
     The init-regeneration attacker uses the key's W0 seed (``init_attack``); a ``model_cfg`` gives W0's
     architecture and std (default: from config.json) and, for a v1 key without a seed, the seed in ``seed``
     (a seed that contradicts the key's is refused). The owner's release manifest (``owner_dir``, default
-    ``<release>.owner``) is checked against the key when present (``check_key_fits``).
+    ``<release>.owner``) is checked against the key when present (``check_key_fits``). ``adaptive``
+    also runs the adaptive attackers it names (None: skipped; they run the model on the attacker's data).
     """
     from pmp_megatron.pmp import maskfile
 
@@ -219,8 +238,11 @@ def audit_release(model_dir: str | Path, mask_path: str | Path, model_cfg: Model
     elif init_attack:
         logger.warning("mask file %s holds no W0 seed (a v1 key) and none was given: the init-regeneration "
                        "attacker does not run", mask_path)
+    extra = None
+    if adaptive is not None:
+        extra = adaptive_recovery.run_for_audit(model_dir, adaptive, recovery.mask_density(true))
     report = audit(weights, true, w0=w0, release_dtype=reader.release_dtype(hf_cfg), warn_level=warn_level,
-                   model_cfg=arch, seed_guesses=seed_guesses)
+                   model_cfg=arch, seed_guesses=seed_guesses, extra_attackers=extra)
     report["rho"] = meta["rho"]
     report["init_seed_known"] = w0 is not None
     return report
