@@ -59,6 +59,9 @@ class ModelConfig:
     # and with W0 the mask. An int is a PUBLIC seed (tests, reproductions); resumed runs take the
     # checkpoint's seed.
     seed: int | None = None
+    # A file (mode 0600) holding a SECRET W0 seed as a decimal integer, for runs that must share one W0
+    # (a PMP run and its dense controls); exclusive with ``seed``. The seed is treated like a drawn one.
+    seed_file: str | None = None
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (megatron rule)."""
@@ -183,6 +186,8 @@ class Config:
     def validate(self, world_size: int | None = None) -> Config:
         """Cross-field checks; raises one ValueError naming the offending field(s). Returns self."""
         m, p, pmp, t = self.model, self.parallel, self.pmp, self.train
+        _check(m.seed is None or m.seed_file is None,
+               "model.seed and model.seed_file exclude each other (a public seed, or a secret one in a file)")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         vpp = p.virtual_pipeline_model_parallel_size
         for name in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",

@@ -39,9 +39,8 @@ def make_checkpoint(root: str) -> None:
     from pmp_megatron.model.gpt import build_model
     from pmp_megatron.train import checkpoint
 
-    cfg = load_config(RECIPE, ["pmp.mode=dense"], world_size=1)
-    mcore.init_distributed()
-    mcore.init_model_parallel(1, 1, None, cfg.model.seed)
+    cfg = load_config(RECIPE, ["pmp.mode=dense", "model.seed=0"], world_size=1)  # public: a benchmark
+    mcore.setup_parallel(rng_seed=cfg.train.seed)
     t0 = time.perf_counter()
     chunks = build_model(cfg)
     t1 = time.perf_counter()

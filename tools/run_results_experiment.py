@@ -80,9 +80,10 @@ RUNS = {
 REFERENCE_RUN = "pmp-rho0.5"
 
 
-def experiment_seed(work: Path) -> int:
-    """One W0 seed shared by every run of the experiment (the runs are compared from the same start), drawn
-    from OS entropy once and kept in WORK/private/w0_seed (0600): it never reaches docs/results."""
+def experiment_seed_file(work: Path) -> Path:
+    """One SECRET W0 seed shared by every run of the experiment (the runs are compared from the same start),
+    drawn from OS entropy once and kept in WORK/private/w0_seed (0600); the runs read it through
+    ``model.seed_file``, so it reaches no config.yaml, log or report."""
     import secrets
 
     from pmp_megatron.atomic import write_text_atomic
@@ -91,13 +92,13 @@ def experiment_seed(work: Path) -> int:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_text_atomic(path, f"{secrets.randbits(128)}\n", mode=0o600)
-    return int(path.read_text())
+    return path
 
 
 def pretrain_overrides(work: Path, name: str, scale: Scale) -> list[str]:
     data = work / "data"
     pmp, _ = RUNS[name]
-    args = [f"model.seed={experiment_seed(work)}",
+    args = [f"model.seed_file={experiment_seed_file(work)}",
             f"data.data_path=[0.5,{data / 'prose'},0.5,{data / 'code'}]",
             f"data.tokenizer_model={data / 'tokenizer.model'}", "data.split=98,2,0", "data.num_workers=1",
             f"model.vocab_size={scale.vocab}", f"train.train_steps={scale.train_steps}",

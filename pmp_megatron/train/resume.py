@@ -53,7 +53,7 @@ class Start:
 
 
 def _rank0_log(level: int, msg: str, *args) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         logger.log(level, msg, *args)
 
 
@@ -146,12 +146,20 @@ def check_compatible(cfg: Config, start: Start) -> None:
 
 def resolve_seed(cfg: Config, start: Start | None) -> bool:
     """Set ``cfg.model.seed`` (in memory) to the run's W0 seed; return whether it is secret."""
+    from_file = read_seed_file(cfg.model.seed_file) if cfg.model.seed_file else None
     if start is not None:
         cfg.model.seed = start.common["config"]["model"].get("seed")
+        if from_file is not None and from_file != cfg.model.seed:
+            raise ValueError(f"model.seed_file {cfg.model.seed_file} holds another W0 seed than the "
+                             f"checkpoint it resumes")
         secret = bool(start.common.get("w0_seed_secret", False))
         _rank0_log(logging.INFO, "W0 seed: %s, from the checkpoint", "secret" if secret else
                    f"public ({cfg.model.seed})")
         return secret
+    if from_file is not None:
+        cfg.model.seed = from_file
+        _rank0_log(logging.INFO, "W0 seed: secret, from model.seed_file")
+        return True
     if cfg.model.seed is None:
         cfg.model.seed = mcore.broadcast_object(secrets.randbits(128) if dist.get_rank() == 0 else None)
         _rank0_log(logging.INFO, "W0 seed: secret (128 bits from OS entropy), kept only in the checkpoints")
@@ -160,6 +168,24 @@ def resolve_seed(cfg: Config, start: Start | None) -> bool:
                                 "with it the private mask; leave model.seed unset for a secret seed",
                cfg.model.seed)
     return False
+
+
+def read_seed_file(path: str) -> int:
+    """The secret W0 seed in ``path`` (a decimal integer); ValueError naming the file otherwise."""
+    import os
+    import stat
+
+    try:
+        text = open(path, encoding="ascii").read().strip()  # noqa: SIM115 - read at once
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"model.seed_file {path}: cannot read it ({err})") from err
+    if not text.isdigit():
+        raise ValueError(f"model.seed_file {path}: expected one non-negative decimal integer")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"model.seed_file {path} is readable by others (mode {stat.S_IMODE(mode):o}): "
+                         f"chmod 600 it")
+    return int(text)
 
 
 def public_config(cfg: Config, secret: bool) -> Config:
