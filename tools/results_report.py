@@ -125,6 +125,9 @@ def _plots(out: Path, metrics: dict, headline: dict, runs: dict, audits: dict) -
 
 def write_experiment_report(work: Path, out: Path, runs: dict, reference: str, ids: dict[str, str],
                             cell_ids: set[str], audits: dict[str, dict], meta: dict) -> dict:
+    from pmp_megatron.attack.suite import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "configs" / meta["scale_settings"]["suite"])
     out.mkdir(parents=True, exist_ok=True)
     id_to_run = {v: k for k, v in ids.items()}
     records = [r for r in read_results(work / "results.jsonl") if r.get("id") in cell_ids]
@@ -169,7 +172,7 @@ def write_experiment_report(work: Path, out: Path, runs: dict, reference: str, i
             "discovery_steps": len(metrics[name]["discovery"]),
         }
         sub = out / "attacks" / name
-        attack_report.write_report(mine + dense, sub)
+        attack_report.write_report(mine + dense, sub, suite)  # the suite's decision rule: a verdict per run
         per_run_dirs[name] = sub.relative_to(out)
     dense_best = {t: best_record([r for r in dense if r["task"] == t]) for t in tasks}
     plots = _plots(out, metrics, headline, runs, audits)
