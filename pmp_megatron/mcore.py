@@ -24,7 +24,15 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
 import megatron.core  # noqa: E402
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402,F401
+from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: E402,F401
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402,F401
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset  # noqa: E402,F401
 from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402,F401
+from megatron.core.dist_checkpointing.strategies.filesystem_async import (  # noqa: E402,F401
+    get_write_results_queue,
+)
 from megatron.core.distributed import (  # noqa: E402,F401
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -59,6 +67,13 @@ try:  # Transformer Engine is the optional `gpu` extra; it needs CUDA to import.
     HAVE_TE = torch.cuda.is_available()
 except Exception:  # noqa: BLE001 - any import failure means "no TE"
     HAVE_TE = False
+
+
+def te_norm():
+    """Transformer Engine's norm module class (only with ``HAVE_TE``: it needs CUDA to import)."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
 
 
 def device() -> torch.device:

@@ -24,8 +24,6 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from pmp_megatron import mcore
 from pmp_megatron.data.indexed import quiet_rank_warnings, read_meta
@@ -69,7 +67,7 @@ def build_datasets(data_path: Sequence[str | float | os.PathLike], split: str, s
                    cache_dir: str | os.PathLike | None, *, is_built_on_rank: Callable[[], bool] | None = None,
                    node_local_cache: bool = False, eod_mask_loss: bool = False,
                    reset_position_ids: bool = False, reset_attention_mask: bool = False,
-                   ) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
+                   ) -> tuple[mcore.GPTDataset | None, mcore.GPTDataset | None, mcore.GPTDataset | None]:
     """Build the (train, valid, test) datasets; a split is None when its ``split`` weight is 0.
 
     ``data_path``: prefixes (``PREFIX.bin``/``.idx``) or weight, prefix pairs, see ``parse_data_path``.
@@ -93,7 +91,7 @@ def build_datasets(data_path: Sequence[str | float | os.PathLike], split: str, s
     sizes = list(num_samples)
     on_rank = is_built_on_rank or (lambda: True)
     with quiet_rank_warnings():
-        config = GPTDatasetConfig(
+        config = mcore.GPTDatasetConfig(
             random_seed=seed,
             sequence_length=seq_length,
             blend=(prefixes, weights),
@@ -109,9 +107,10 @@ def build_datasets(data_path: Sequence[str | float | os.PathLike], split: str, s
         if node_local_cache and cache_dir is not None and dist.is_initialized():
             if dist.get_rank() in _first_rank_per_host():
                 with _process_group_hidden():  # build this node's cache as if alone
-                    BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+                    mcore.BlendedMegatronDatasetBuilder(mcore.GPTDataset, sizes, on_rank, config).build()
             mcore.barrier()
-        train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+        builder = mcore.BlendedMegatronDatasetBuilder(mcore.GPTDataset, sizes, on_rank, config)
+        train, valid, test = builder.build()
     return train, valid, test
 
 

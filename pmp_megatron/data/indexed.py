@@ -28,9 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 from tqdm import tqdm
 
+from pmp_megatron import mcore
 from pmp_megatron.atomic import atomic_writes
 from pmp_megatron.data.corpora import corpus_fingerprint, iter_source, parse_builtin
 from pmp_megatron.data.tokenizer import Tokenizer
@@ -133,7 +133,7 @@ def write_index(f, dtype: type[np.number], sequence_lengths: Sequence[int]) -> N
     document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
     f.write(_INDEX_HEADER)
     f.write(struct.pack("<Q", _INDEX_VERSION))
-    f.write(struct.pack("<B", DType.code_from_dtype(dtype)))
+    f.write(struct.pack("<B", mcore.DType.code_from_dtype(dtype)))
     f.write(struct.pack("<Q", len(lengths)))
     f.write(struct.pack("<Q", len(document_indices)))
     f.write(lengths.tobytes(order="C"))
@@ -175,12 +175,12 @@ def _encode(text: str) -> np.ndarray:
     return np.append(_WORKER_TOKENIZER.encode_array(text), np.int32(_WORKER_TOKENIZER.eod))
 
 
-def read_indexed(prefix: str | os.PathLike) -> IndexedDataset:
+def read_indexed(prefix: str | os.PathLike) -> mcore.IndexedDataset:
     """Open ``prefix.bin`` / ``prefix.idx`` with megatron's reader (memory-mapped)."""
     if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
         raise ValueError(f"indexed dataset {prefix}.bin/.idx does not exist")
     with quiet_rank_warnings():
-        return IndexedDataset(str(prefix), multimodal=False, mmap=True)
+        return mcore.IndexedDataset(str(prefix), multimodal=False, mmap=True)
 
 
 @contextmanager

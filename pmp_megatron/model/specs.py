@@ -40,7 +40,5 @@ def layer_spec(transformer_impl: str):
 def final_norm(transformer_impl: str):
     """The module class of the decoder's final norm."""
     if transformer_impl == "transformer_engine":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        return TENorm
+        return mcore.te_norm()
     return RMSNorm

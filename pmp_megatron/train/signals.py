@@ -40,12 +40,10 @@ def install() -> None:
     """Install the handlers. First start dist_checkpointing's writer-results manager process with the
     signals ignored: Slurm signals every process of a step, and that helper (a multiprocessing Manager)
     would otherwise die on SIGUSR2, breaking the very checkpoint the signal asks for."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
-
     sigs = (signal.SIGTERM, signal.SIGUSR2)
     previous = [signal.signal(sig, signal.SIG_IGN) for sig in sigs]
     try:
-        get_write_results_queue()
+        mcore.get_write_results_queue()
     finally:
         for sig, handler in zip(sigs, previous, strict=True):
             signal.signal(sig, handler)
