@@ -18,8 +18,6 @@ the suite task they name and are scored by lm-eval (``runner``).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import random
 from collections.abc import Iterator
@@ -30,6 +28,7 @@ import torch
 
 from pmp_megatron.attack.suite import TaskSpec
 from pmp_megatron.data import corpora
+from pmp_megatron.release.reader import ReleaseTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -55,35 +54,6 @@ class TaskData:
     @property
     def num_train_tokens(self) -> int:
         return self.train.numel()
-
-
-class ReleaseTokenizer:
-    """The release's tokenizer: ``tokenizer.model`` (sentencepiece) if present, else ``AutoTokenizer``."""
-
-    def __init__(self, model_dir: str | Path):
-        model_dir = Path(model_dir)
-        sp = model_dir / "tokenizer.model"
-        if sp.is_file():
-            from pmp_megatron.data.tokenizer import Tokenizer
-
-            tok = Tokenizer(sp)
-            self._encode, self.eod, self.sha256 = tok.encode, tok.eod, tok.sha256
-            return
-        from transformers import AutoTokenizer
-
-        try:
-            hf = AutoTokenizer.from_pretrained(str(model_dir))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"model directory {model_dir} has no usable tokenizer: {err}") from err
-        if hf.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {model_dir} has no eos token (needed as end-of-document)")
-        self._encode = functools.partial(hf.encode, add_special_tokens=False)
-        self.eod = hf.eos_token_id
-        self.sha256 = hashlib.sha256(
-            "\n".join(f"{p}\t{i}" for p, i in sorted(hf.get_vocab().items())).encode()).hexdigest()
-
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text)
 
 
 def resolve_source(spec: TaskSpec) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from pmp_megatron.release import reader, recovery
+from pmp_megatron.release.reader import ReleaseTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -83,26 +84,6 @@ class AdaptiveAudit:
             raise ValueError("AdaptiveAudit needs num_batches >= 2, stage1_steps >= 1 and batch_size >= 1")
 
 
-def _encoder(model_dir: Path) -> tuple[Callable[[str], list[int]], int]:
-    """(encode, end-of-document id) of the release's tokenizer: ``tokenizer.model`` (sentencepiece) if
-    present, else ``AutoTokenizer``."""
-    if (model_dir / "tokenizer.model").is_file():
-        from pmp_megatron.data.tokenizer import Tokenizer
-
-        tok = Tokenizer(model_dir / "tokenizer.model")
-        return tok.encode, tok.eod
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"release {str(model_dir)!r} has no usable tokenizer for the attacker's data: "
-                         f"{err}") from err
-    if hf.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {str(model_dir)!r} has no eos token (needed as end-of-document)")
-    return (lambda text: hf.encode(text, add_special_tokens=False)), hf.eos_token_id
-
-
 def attacker_batches(model_dir: str | Path, num_batches: int, batch_size: int = DEFAULT_BATCH_SIZE,
                      seq_length: int | None = None, seed: int = ATTACKER_SEED,
                      sources: Sequence[str] = PRETRAINING_SOURCES,
@@ -116,7 +97,8 @@ def attacker_batches(model_dir: str | Path, num_batches: int, batch_size: int = 
     if seq_length is None:
         seq_length = min(DEFAULT_SEQ_LENGTH, int(reader.read_config(model_dir).get("max_position_embeddings")
                                                  or DEFAULT_SEQ_LENGTH))
-    encode, eod = _encoder(model_dir)
+    tokenizer = ReleaseTokenizer(model_dir)
+    encode, eod = tokenizer.encode, tokenizer.eod
     docs = [d for src in sources for d in corpora.iter_source(src, max_chars=max_chars)]
     rng = random.Random(seed)
     rng.shuffle(docs)

@@ -2,11 +2,14 @@
 
 The one reader of such directories, used by the leakage audit, the attack runner and CLI, and
 ``to_megatron``: ``config.json``, the release dtype, the tensor shapes (from the safetensors headers, no
-tensor data read) and the tensors themselves (``*.safetensors``, single or sharded).
+tensor data read), the tensors themselves (``*.safetensors``, single or sharded) and the tokenizer
+(``ReleaseTokenizer``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,3 +63,32 @@ def read_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for path in files:
         weights.update(load_file(str(path)))
     return weights, hf_cfg
+
+
+class ReleaseTokenizer:
+    """The release's tokenizer: ``tokenizer.model`` (sentencepiece) if present, else ``AutoTokenizer``."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        sp = model_dir / "tokenizer.model"
+        if sp.is_file():
+            from pmp_megatron.data.tokenizer import Tokenizer
+
+            tok = Tokenizer(sp)
+            self._encode, self.eod, self.sha256 = tok.encode, tok.eod, tok.sha256
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model directory {model_dir} has no usable tokenizer: {err}") from err
+        if hf.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {model_dir} has no eos token (needed as end-of-document)")
+        self._encode = functools.partial(hf.encode, add_special_tokens=False)
+        self.eod = hf.eos_token_id
+        self.sha256 = hashlib.sha256(
+            "\n".join(f"{p}\t{i}" for p, i in sorted(hf.get_vocab().items())).encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
