@@ -32,8 +32,13 @@ def format_summary(summary: dict) -> str:
                  f"{'task':<24} {'gain ratio':>12} {'authorized ratio':>18}"]
         for task, ratio in summary["gain_ratio"].items():
             lines.append(f"{task:<24} {f(ratio):>12} {f(summary['authorized_gain_ratio'].get(task)):>18}")
+    chance = summary.get("chance_iou")
     for attacker, iou in summary["recovery_iou"].items():
-        lines.append(f"recovery IoU {attacker:<22} {f(iou)}")
+        note = " (given the W0 seed from the owner's key: the worst case if the seed leaks)" \
+            if attacker == "recovery_init" else ""
+        lines.append(f"recovery IoU {attacker:<22} {f(iou)}{note}")
+    if chance is not None:
+        lines.append(f"recovery IoU by chance               {f(chance)}")
     return "\n".join(lines)
 
 

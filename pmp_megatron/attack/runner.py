@@ -51,9 +51,16 @@ import torch.nn.functional as F
 
 from pmp_megatron.attack import tasks
 from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
-from pmp_megatron.attack.suite import RECOVERY_ATTACKERS, Cell, Suite, TaskSpec, task_payload
+from pmp_megatron.attack.suite import (
+    ADAPTIVE_ATTACKERS,
+    RECOVERY_ATTACKERS,
+    Cell,
+    Suite,
+    TaskSpec,
+    task_payload,
+)
 from pmp_megatron.config import ModelConfig
-from pmp_megatron.release import recovery
+from pmp_megatron.release import adaptive_recovery, recovery
 from pmp_megatron.release.audit import check_mask_names, model_config_for_audit, weight_shapes
 from pmp_megatron.release.reader import check_model_dir, read_config, release_dtype
 from pmp_megatron.release.writer import TOKENIZER_FILES, file_sha256
@@ -188,9 +195,15 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
         if cell.attacker == "recovery_seed_guess":
             arch = ctx.regen_config or model_config_for_audit(ctx.models[cell.role], None)
             candidates = recovery.seed_candidates(spec.seed_guesses)
-        dtype = release_dtype(read_config(ctx.models[cell.role]))
-        masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, dtype, spec.init_rule,
-                                       spec.init_tolerance, model_cfg=arch, candidates=candidates)
+        if cell.attacker in ADAPTIVE_ATTACKERS:  # the attacker's own data and passes, never the owner's
+            batches = adaptive_recovery.attacker_batches(ctx.models[cell.role], spec.adaptive_batches)
+            masks, info = adaptive_recovery.recover_adaptive(
+                cell.attacker, ctx.models[cell.role], batches, spec.density, spec.adaptive_batches,
+                spec.stage1_steps, device=str(next(model.parameters()).device))
+        else:
+            dtype = release_dtype(read_config(ctx.models[cell.role]))
+            masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, dtype, spec.init_rule,
+                                           spec.init_tolerance, model_cfg=arch, candidates=candidates)
         info["recovery_s"] = round(time.time() - start, 3)
         if true is not None:
             info["iou"] = recovery.iou(masks, true)

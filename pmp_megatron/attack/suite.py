@@ -81,9 +81,16 @@ ROLES = ("pmp", "dense", "dense_matched", "scratch")
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "cosine", "linear")
-ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init",
-             "recovery_seed_guess")
-RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess")
+# The adaptive key attackers (release/adaptive_recovery.py) run forward/backward passes of their own, so a
+# suite names them explicitly; a suite without an ``attackers`` list gets DEFAULT_ATTACKERS. (Spelled out
+# here so that parsing a suite imports no torch; a test holds it equal to adaptive_recovery's.)
+ADAPTIVE_ATTACKERS = ("recovery_gradient", "recovery_stage1")
+DEFAULT_ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init",
+                     "recovery_seed_guess")
+ATTACKERS = DEFAULT_ATTACKERS + ADAPTIVE_ATTACKERS
+RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess",
+                      *ADAPTIVE_ATTACKERS)
+_ADAPTIVE_KEYS = ("adaptive_batches", "stage1_steps")  # RecoverySpec fields only the adaptive ids carry
 DENSE_ATTACKERS = ("unauthorized",)
 INIT_RULES = ("threshold", "topk")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -151,6 +158,8 @@ class RecoverySpec:
     init_rule: str = "threshold"  # recovery_init: relative-residual threshold, or global top-k at density
     init_tolerance: float | None = None  # relative residual counted as "moved"; None: by release dtype
     seed_guesses: int = 10_000  # recovery_seed_guess: W0 seeds 0..N tried (plus the repo's recipe seeds)
+    adaptive_batches: int = 16  # recovery_gradient: batches of the attacker's own pretraining-like data
+    stage1_steps: int = 8  # recovery_stage1: Stage-I steps the attacker replicates from its own init
 
 
 @dataclass
@@ -165,7 +174,7 @@ class Suite:
     eval_batch_size: int = 8
     eval_every: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
-    attackers: list[str] = field(default_factory=lambda: list(ATTACKERS))
+    attackers: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKERS))
     precision: str = "auto"
     recovery: RecoverySpec = field(default_factory=RecoverySpec)
     adversaries: list[Adversary] = field(default_factory=list)
@@ -360,7 +369,8 @@ def suite_from_dict(data: dict) -> Suite:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"suite.tasks has duplicate task names {names}; give each a distinct 'name'")
-    attackers = [_choice(a, ATTACKERS, "suite.attackers") for a in _as_list(data.get("attackers", ATTACKERS))]
+    attackers = [_choice(a, ATTACKERS, "suite.attackers")
+                 for a in _as_list(data.get("attackers", DEFAULT_ATTACKERS))]
     rec = _check_keys(data.get("recovery", {}) or {}, [f.name for f in dataclasses.fields(RecoverySpec)],
                       "suite.recovery")
     density = rec.get("density")
@@ -373,7 +383,11 @@ def suite_from_dict(data: dict) -> Suite:
         init_tolerance=None if tol is None else _number(tol, "suite.recovery.init_tolerance", float, 0.0,
                                                         strict=True),
         seed_guesses=_number(rec.get("seed_guesses", RecoverySpec.seed_guesses),
-                             "suite.recovery.seed_guesses", int, 0))
+                             "suite.recovery.seed_guesses", int, 0),
+        adaptive_batches=_number(rec.get("adaptive_batches", RecoverySpec.adaptive_batches),
+                                 "suite.recovery.adaptive_batches", int, 2),
+        stage1_steps=_number(rec.get("stage1_steps", RecoverySpec.stage1_steps),
+                             "suite.recovery.stage1_steps", int, 1))
     groups = data.get("adversaries") or []
     if not isinstance(groups, list) or not groups:
         raise ValueError("suite.adversaries must be a non-empty list of adversary groups")
@@ -465,9 +479,10 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
                 payload["train_task"] = task_payload(next(t for t in suite.tasks if t.name == task.train))
             if attacker == "authorized":
                 payload["mask"] = mask_sha256
-            if attacker in RECOVERY_ATTACKERS:  # seed_guesses enters only its attacker's ids (older ids stay)
+            if attacker in RECOVERY_ATTACKERS:  # a knob enters only its own attacker's ids (older ids stay)
                 payload["recovery"] = {k: v for k, v in dataclasses.asdict(suite.recovery).items()
-                                       if k != "seed_guesses" or attacker == "recovery_seed_guess"}
+                                       if (k != "seed_guesses" or attacker == "recovery_seed_guess")
+                                       and (k not in _ADAPTIVE_KEYS or attacker in ADAPTIVE_ATTACKERS)}
             if attacker == "recovery_init":
                 payload["regen"] = regen_id
             cells.append(Cell(role, attacker, adv, task, seed, _cell_id(payload)))

@@ -55,6 +55,9 @@ def release(argv: list[str]) -> int:
                              "(a v2 key carries it)")
     parser.add_argument("--no-init-attack", action="store_true", help="skip the init-regeneration attacker")
     parser.add_argument("--warn-level", type=float, default=0.5, help="warn above this mask-recovery IoU")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="with --audit: also run the adaptive key attackers (gradient stationarity, "
+                             "Stage-I replication), which run the model on the attacker's own data")
     parser.add_argument("--audit", action="store_true", help="audit the existing release --model")
     parser.add_argument("--model", help="release directory to audit (with --audit)")
     parser.add_argument("--seed", type=int, default=None,
@@ -68,6 +71,8 @@ def release(argv: list[str]) -> int:
             parser.error("--audit needs --model and --mask")
     elif not (args.checkpoint and args.out):
         parser.error("--checkpoint and --out are required (or --audit --model DIR --mask FILE)")
+    if args.adaptive and not args.audit:
+        parser.error("--adaptive goes with --audit (audit a written release)")
     if args.audit_seed is not None and args.no_init_attack:
         parser.error("--audit-seed and --no-init-attack exclude each other")
     setup_logging()
@@ -76,8 +81,11 @@ def release(argv: list[str]) -> int:
     if args.audit:
         cfg = audit.model_config_for_audit(args.model, args.seed, args.model_config) \
             if args.seed is not None or args.model_config else None
+        from pmp_megatron.release.adaptive_recovery import AdaptiveAudit
+
+        adaptive = AdaptiveAudit() if args.adaptive else None
         report = audit.audit_release(args.model, args.mask, model_cfg=cfg, warn_level=args.warn_level,
-                                     owner_dir=args.owner_dir)
+                                     owner_dir=args.owner_dir, adaptive=adaptive)
     else:
         from pmp_megatron.release.from_checkpoint import AUDIT_FILE
         from pmp_megatron.release.from_checkpoint import release as run

@@ -183,3 +183,10 @@ def test_audit_runs_the_adaptive_attackers_only_when_asked(releases, tmp_path):
     assert "recovery_gradient" in audit.markdown_table(report)
     with pytest.raises(ValueError, match="unknown adaptive attacker"):
         adaptive_recovery.AdaptiveAudit(attackers=("recovery_magic",))
+
+
+def test_the_suite_knows_the_adaptive_attackers_by_the_same_names():
+    from pmp_megatron.attack import suite
+
+    assert suite.ADAPTIVE_ATTACKERS == adaptive_recovery.ADAPTIVE_ATTACKERS
+    assert set(suite.ADAPTIVE_ATTACKERS) <= set(suite.RECOVERY_ATTACKERS) - set(suite.DEFAULT_ATTACKERS)
