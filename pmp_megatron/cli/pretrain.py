@@ -1,7 +1,10 @@
 """``pmp-pretrain --config configs/X.yaml [key=value ...]``: PMP pretraining or the dense baseline.
 
-Run under torchrun or srun. Resumes automatically from ``checkpoint.dir``; exits 42 after a preemption
-checkpoint (SIGTERM/SIGUSR2). ``--print-config`` prints the resolved, validated config and exits.
+Run under torchrun or srun. Resumes automatically from ``checkpoint.dir`` (Stage I included), after checking
+that the config's ``model.*``, ``pmp.*`` and W0 seed match the checkpoint's: a difference fails with one
+line naming the fields unless ``checkpoint.allow_changes`` lists them. Exits 42 after a preemption
+checkpoint (SIGTERM/SIGUSR2, in Stage I or Stage II). ``--print-config`` prints the resolved, validated
+config and exits.
 """
 
 from __future__ import annotations

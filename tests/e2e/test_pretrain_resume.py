@@ -46,7 +46,7 @@ def _launch(nproc, args):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}",
-           "-m", "pmp_megatron.cli", "pretrain", "--config", str(DEBUG_MODEL), *args]
+           "-m", "pmp_megatron", "pretrain", "--config", str(DEBUG_MODEL), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -142,7 +142,7 @@ def test_export_mask_from_a_tp2_pp2_checkpoint(uninterrupted, tmp_path):
     from pmp_megatron.pmp import maskfile
 
     out = tmp_path / "private" / "mask.safetensors"
-    subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "export-mask", "--checkpoint",
+    subprocess.run([sys.executable, "-m", "pmp_megatron", "export-mask", "--checkpoint",
                     str(uninterrupted), "--out", str(out)], check=True, capture_output=True)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     masks, meta = maskfile.load(out)
@@ -151,7 +151,7 @@ def test_export_mask_from_a_tp2_pp2_checkpoint(uninterrupted, tmp_path):
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert abs(kept / total - 0.5) < 1e-3
-    again = subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "export-mask", "--checkpoint",
+    again = subprocess.run([sys.executable, "-m", "pmp_megatron", "export-mask", "--checkpoint",
                             str(uninterrupted), "--out", str(out)], capture_output=True, text=True)
     assert again.returncode != 0 and "--force" in again.stderr
 

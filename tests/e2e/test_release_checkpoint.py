@@ -51,7 +51,7 @@ def _pretrain(data, run_dir, extra):
     nproc = 4 if "parallel.pipeline_model_parallel_size=2" in extra and \
         "parallel.tensor_model_parallel_size=2" in extra else 2
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "pmp_megatron.cli", "pretrain", "--config",
+           f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain", "--config",
            str(DEBUG_MODEL), *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=900)
@@ -59,7 +59,7 @@ def _pretrain(data, run_dir, extra):
 
 
 def _cli(*args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "release", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "pmp_megatron", "release", *map(str, args)],
                           capture_output=True, text=True, timeout=900)
     if ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -159,7 +159,7 @@ def test_audit_of_the_pmp_release(checkpoints, tmp_path):
 
     run_dir = checkpoints["tp2_pmp"]
     mask = tmp_path / "private" / "mask.safetensors"
-    subprocess.run([sys.executable, "-m", "pmp_megatron.cli", "export-mask", "--checkpoint", str(run_dir),
+    subprocess.run([sys.executable, "-m", "pmp_megatron", "export-mask", "--checkpoint", str(run_dir),
                     "--out", str(mask)], check=True, capture_output=True)
     seed = maskfile.load(mask)[1]["w0_seed"]
     assert seed is not None  # the key holds the run's W0 seed

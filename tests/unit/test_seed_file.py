@@ -1,4 +1,4 @@
-"""model.seed_file: a secret W0 seed shared by runs that must start from one W0 (a PMP run and its controls)."""
+"""model.seed_file: a secret W0 seed shared by runs that must start from one W0 (a PMP run, its controls)."""
 
 from __future__ import annotations
 
