@@ -9,6 +9,7 @@ release        the public Hugging Face release of a checkpoint; ``--audit`` (``c
 attack         the fine-tune attack suite and its report (``cli/attack.py``)
 launch         Slurm submission (``cli/launch.py``)
 quickstart     the whole loop on the debug model on CPU (``cli/quickstart.py``)
+dense-matched  the dense control whose base loss matches a PMP run's (``cli/dense_matched.py``)
 =============  ===================================================================================
 
 A user error (a bad value, a missing or refused file, a full disk) prints ONE line naming the file or
@@ -30,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "attack": "pmp_megatron.cli.attack:main",
     "launch": "pmp_megatron.cli.launch:main",
     "quickstart": "pmp_megatron.cli.quickstart:main",
+    "dense-matched": "pmp_megatron.cli.dense_matched:main",
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError,
@@ -100,3 +102,4 @@ release_main = _console("release")
 attack_main = _console("attack")
 launch_main = _console("launch")
 quickstart_main = _console("quickstart")
+dense_matched_main = _console("dense-matched")
