@@ -21,6 +21,7 @@ a release built from this stream cannot contain a mask.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -70,7 +71,17 @@ def checkpoint_config(ckpt_root: str | Path, iteration: int) -> tuple[Config, di
     if "config" not in common:
         raise ValueError(f"checkpoint {str(checkpoint.iter_dir(ckpt_root, iteration))!r} has no 'config' "
                          f"in its common state (not written by pmp-pretrain?)")
-    return config_from_dict(common["config"]), common
+    return config_from_dict(saved_config_dict(common)), common
+
+
+def saved_config_dict(common: dict) -> dict:
+    """A copy of a checkpoint's config dict that ``config_from_dict`` accepts: a ``model.seed_file`` run
+    saved both the seed it read and the file's path, which exclude each other in a config; the checkpoint's
+    seed is the one that counts, so the path is dropped."""
+    d = copy.deepcopy(common["config"])
+    if d.get("model", {}).get("seed") is not None:
+        d["model"]["seed_file"] = None
+    return d
 
 
 def _locate(name: str, shape: tuple[int, ...], metadata: dict, num_layers: int, folder: Path):

@@ -9,7 +9,6 @@ entry for entry (q/k/v and gate/up splits included).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -20,7 +19,7 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import maskfile
 from pmp_megatron.pmp import masks as pmp_masks
-from pmp_megatron.release.from_checkpoint import resolve_iteration
+from pmp_megatron.release.from_checkpoint import resolve_iteration, saved_config_dict
 from pmp_megatron.release.hf_llama import to_hf
 from pmp_megatron.train import checkpoint
 
@@ -29,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def single_process_config(common: dict):
     """The checkpoint's config, re-laid out for one process (TP=PP=1, no virtual stages)."""
-    d = copy.deepcopy(common["config"])
+    d = saved_config_dict(common)
     d["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                          virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
                          use_distributed_optimizer=False, overlap_param_gather=False)
