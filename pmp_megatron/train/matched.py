@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 SUMMARY = "dense_matched.json"
 SEED_FILE = "w0_seed"
 BASE_CONFIG = "pmp_config.yaml"  # the PMP run's checkpointed config, a secret seed removed
+# A caller that read a checkpoint holds a world of one; torchrun sets these for its own workers.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RunFailed(RuntimeError):
@@ -217,7 +219,8 @@ def run_attempt(pmp_cfg: Config, secret: bool, out: Path, steps: int, extra: Seq
     logger.info("dense run of %d steps (warmup %d): %s; log %s", steps, warmup_steps(pmp_cfg, steps), run,
                 log)
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         why = "preempted: rerun to resume it" if proc.returncode == 42 else f"see {log}"
         raise RunFailed(f"dense run of {steps} steps exited {proc.returncode} ({why})", proc.returncode)
