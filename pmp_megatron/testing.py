@@ -150,3 +150,18 @@ def tiny_sentencepiece(directory, vocab_size: int = 500) -> str:
                                    vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
                                    minloglevel=2)
     return prefix + ".model"
+
+
+def capture_log_messages(level: int = 20) -> list[str]:
+    """A list that every log record at ``level`` or above (root logger) is appended to, as its message."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logging.getLogger().addHandler(Keep())
+    logging.getLogger().setLevel(level)
+    return lines

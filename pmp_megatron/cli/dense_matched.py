@@ -43,8 +43,7 @@ def main(argv: list[str]) -> int:
 
     try:
         summary = match(args.pmp_run, args.out, target_loss=args.target_loss, tolerance=args.tolerance,
-                        max_runs=args.max_runs, overrides=args.overrides, nproc_per_node=args.nproc_per_node,
-                        release_dir=args.release, overwrite_release=args.overwrite)
+                        max_runs=args.max_runs, overrides=args.overrides, nproc_per_node=args.nproc_per_node)
     except RunFailed as err:
         sys.stderr.write(f"pmp-dense-matched: error: {err}\n")
         return err.returncode if err.returncode == 42 else 1
@@ -53,6 +52,9 @@ def main(argv: list[str]) -> int:
     chosen = summary["chosen"]
     sys.stdout.write(f"target {summary['target_loss']:.4f}; dense-matched: {chosen['steps']} steps, "
                      f"{chosen['dir']}\n")
-    if "release" in summary:
-        sys.stdout.write(f"release: {summary['release']}\n")
+    if args.release:
+        from pmp_megatron.release.from_checkpoint import release
+
+        written = release(chosen["dir"], args.release, overwrite=args.overwrite)
+        sys.stdout.write(f"release: {written}\n")
     return 0

@@ -21,7 +21,6 @@ a release built from this stream cannot contain a mask.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pmp_megatron import mcore
-from pmp_megatron.config import Config, config_from_dict
+from pmp_megatron.config import Config
 from pmp_megatron.release.hf_llama import canonical_shapes, hf_shapes, to_hf
 from pmp_megatron.release.writer import owner_dir_of, write_release
 from pmp_megatron.train import checkpoint
@@ -41,47 +40,6 @@ logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "release_audit.json"  # in the owner directory (``writer.owner_dir_of``), never in the release
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
-
-
-def resolve_iteration(ckpt_root: str | Path, iteration: int | None = None) -> int:
-    """The iteration to read: ``iteration`` if its folder is complete, else the newest valid one."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        raise ValueError(f"checkpoint directory {str(root)!r} does not exist")
-    if iteration is None:
-        iteration = checkpoint.latest_valid(root)
-        if iteration is None:
-            raise ValueError(f"no valid iteration in checkpoint directory {str(root)!r} "
-                             f"(no complete iter_* folder)")
-    folder = checkpoint.iter_dir(root, iteration)
-    if not folder.is_dir():
-        found = checkpoint.complete_iterations(root)
-        raise ValueError(f"checkpoint {str(folder)!r} does not exist (iterations present: {found})")
-    try:
-        checkpoint.verify(folder)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(f"checkpoint iteration {iteration} is not valid: {e}") from e
-    return iteration
-
-
-def checkpoint_config(ckpt_root: str | Path, iteration: int) -> tuple[Config, dict]:
-    """(the run's Config, the checkpoint's common state) of a resolved iteration."""
-    mcore.init_distributed()
-    common = checkpoint.read_common(ckpt_root, iteration)
-    if "config" not in common:
-        raise ValueError(f"checkpoint {str(checkpoint.iter_dir(ckpt_root, iteration))!r} has no 'config' "
-                         f"in its common state (not written by pmp-pretrain?)")
-    return config_from_dict(saved_config_dict(common)), common
-
-
-def saved_config_dict(common: dict) -> dict:
-    """A copy of a checkpoint's config dict that ``config_from_dict`` accepts: a ``model.seed_file`` run
-    saved both the seed it read and the file's path, which exclude each other in a config; the checkpoint's
-    seed is the one that counts, so the path is dropped."""
-    d = copy.deepcopy(common["config"])
-    if d.get("model", {}).get("seed") is not None:
-        d["model"]["seed_file"] = None
-    return d
 
 
 def _locate(name: str, shape: tuple[int, ...], metadata: dict, num_layers: int, folder: Path):
@@ -138,8 +96,8 @@ def iter_canonical_tensors(ckpt_root: str | Path, iteration: int | None = None
     Reads any TP/PP/VPP layout in this one process (torch.distributed is initialised as a world of one
     if needed); loads one layer at a time; never reads masks or optimizer state.
     """
-    iteration = resolve_iteration(ckpt_root, iteration)
-    cfg, _ = checkpoint_config(ckpt_root, iteration)
+    iteration = checkpoint.resolve_iteration(ckpt_root, iteration)
+    cfg, _ = checkpoint.checkpoint_config(ckpt_root, iteration)
     folder = checkpoint.iter_dir(ckpt_root, iteration)
     metadata = mcore.dist_checkpointing.load_tensors_metadata(str(folder))
     shapes = canonical_shapes(cfg.model)
@@ -193,8 +151,8 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
     """
     from pmp_megatron.release import audit
 
-    iteration = resolve_iteration(ckpt_root, iteration)
-    cfg, common = checkpoint_config(ckpt_root, iteration)
+    iteration = checkpoint.resolve_iteration(ckpt_root, iteration)
+    cfg, common = checkpoint.checkpoint_config(ckpt_root, iteration)
     check_release_target(ckpt_root, out_dir)
     owner = owner_dir_of(owner_dir, out_dir)
     record = key_record(cfg, common)

@@ -19,7 +19,6 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import maskfile
 from pmp_megatron.pmp import masks as pmp_masks
-from pmp_megatron.release.from_checkpoint import resolve_iteration, saved_config_dict
 from pmp_megatron.release.hf_llama import to_hf
 from pmp_megatron.train import checkpoint
 
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def single_process_config(common: dict):
     """The checkpoint's config, re-laid out for one process (TP=PP=1, no virtual stages)."""
-    d = saved_config_dict(common)
+    d = checkpoint.saved_config_dict(common)
     d["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                          virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
                          use_distributed_optimizer=False, overlap_param_gather=False)
@@ -39,7 +38,7 @@ def single_process_config(common: dict):
 def load_global_masks(root, iteration: int | None = None):
     """(canonical name -> full bool mask, config) of a checkpoint, in this single process."""
     mcore.init_distributed()
-    iteration = resolve_iteration(root, iteration)
+    iteration = checkpoint.resolve_iteration(root, iteration)
     common = checkpoint.read_common(root, iteration)
     if not common.get("has_masks"):
         raise ValueError(f"checkpoint {checkpoint.iter_dir(root, iteration)} has no PMP masks "

@@ -22,6 +22,7 @@ is a function of the consumed-sample count. That is why a resumed run reproduces
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from pmp_megatron import mcore
 from pmp_megatron.atomic import write_text_atomic
+from pmp_megatron.config import Config, config_from_dict
 from pmp_megatron.pmp import masks as pmp_masks
 
 logger = logging.getLogger(__name__)
@@ -338,3 +340,44 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, verify
     if template is not None:
         pmp_masks.attach_loaded(loaded["pmp_masks"], template)
     return loaded["common"]
+
+
+def resolve_iteration(ckpt_root: str | Path, iteration: int | None = None) -> int:
+    """The iteration to read: ``iteration`` if its folder is complete, else the newest valid one."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory {str(root)!r} does not exist")
+    if iteration is None:
+        iteration = latest_valid(root)
+        if iteration is None:
+            raise ValueError(f"no valid iteration in checkpoint directory {str(root)!r} "
+                             f"(no complete iter_* folder)")
+    folder = iter_dir(root, iteration)
+    if not folder.is_dir():
+        found = complete_iterations(root)
+        raise ValueError(f"checkpoint {str(folder)!r} does not exist (iterations present: {found})")
+    try:
+        verify(folder)
+    except CheckpointError as e:
+        raise ValueError(f"checkpoint iteration {iteration} is not valid: {e}") from e
+    return iteration
+
+
+def checkpoint_config(ckpt_root: str | Path, iteration: int) -> tuple[Config, dict]:
+    """(the run's Config, the checkpoint's common state) of a resolved iteration."""
+    mcore.init_distributed()
+    common = read_common(ckpt_root, iteration)
+    if "config" not in common:
+        raise ValueError(f"checkpoint {str(iter_dir(ckpt_root, iteration))!r} has no 'config' "
+                         f"in its common state (not written by pmp-pretrain?)")
+    return config_from_dict(saved_config_dict(common)), common
+
+
+def saved_config_dict(common: dict) -> dict:
+    """A copy of a checkpoint's config dict that ``config_from_dict`` accepts: a ``model.seed_file`` run
+    saved both the seed it read and the file's path, which exclude each other in a config; the checkpoint's
+    seed is the one that counts, so the path is dropped."""
+    d = copy.deepcopy(common["config"])
+    if d.get("model", {}).get("seed") is not None:
+        d["model"]["seed_file"] = None
+    return d

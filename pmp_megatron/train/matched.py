@@ -31,7 +31,7 @@ within tolerance or ``max_runs`` attempts were made. The search is a function of
 only, so a rerun into the same OUT replays it and reuses every finished attempt (an unfinished one resumes
 from its checkpoint). ``OUT/dense_matched.json`` records every attempt (steps, warmup, final valid loss,
 relative error) and the chosen one; its run dir is the control's checkpoint (``pmp-release`` makes it a
-Hugging Face release; ``match(..., release_dir=...)`` does it here).
+Hugging Face release; ``pmp-dense-matched --release DIR`` does it after the search).
 """
 
 from __future__ import annotations
@@ -82,14 +82,13 @@ class Attempt:
 def read_pmp_run(run_dir: str | os.PathLike) -> tuple[Config, bool]:
     """(the PMP run's config with its W0 seed, whether the seed is secret) from its final checkpoint;
     ValueError naming the directory when it is not a finished PMP run."""
-    from pmp_megatron.release.from_checkpoint import checkpoint_config
     from pmp_megatron.train import checkpoint
 
     run_dir = Path(run_dir)
     iteration = checkpoint.latest_valid(run_dir) if run_dir.is_dir() else None
     if iteration is None:
         raise ValueError(f"PMP run {str(run_dir)!r} has no valid checkpoint (not a pmp-pretrain run dir?)")
-    cfg, common = checkpoint_config(run_dir, iteration)
+    cfg, common = checkpoint.checkpoint_config(run_dir, iteration)
     if cfg.pmp.mode != "pmp":
         raise ValueError(f"run {str(run_dir)!r} is a {cfg.pmp.mode} run, not a PMP run: give the PMP run "
                          f"whose base loss the control must match")
@@ -283,13 +282,11 @@ def _on_grid(steps: float, grid: int) -> int:
 
 def match(pmp_run: str | os.PathLike, out: str | os.PathLike, target_loss: float | None = None,
           tolerance: float = 0.01, max_runs: int = 8, overrides: Sequence[str] = (),
-          nproc_per_node: int | None = None, release_dir: str | os.PathLike | None = None,
-          overwrite_release: bool = False) -> dict:
+          nproc_per_node: int | None = None) -> dict:
     """Find the dense-matched control of ``pmp_run`` under ``out``; return the summary (also written to
-    ``OUT/dense_matched.json``), whose ``chosen.dir`` is the control's checkpoint. With ``release_dir`` the
-    chosen run is also released there (``pmp-release``; ``overwrite_release`` replaces an existing one).
-    ValueError (one line) for a run that is not a finished PMP run, no valid_loss records, or a target no
-    attempt reaches within ``max_runs``."""
+    ``OUT/dense_matched.json``), whose ``chosen.dir`` is the control's checkpoint. ValueError (one line) for
+    a run that is not a finished PMP run, no valid_loss records, or a target no attempt reaches within
+    ``max_runs``."""
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
     if max_runs < 1:
@@ -332,11 +329,6 @@ def match(pmp_run: str | os.PathLike, out: str | os.PathLike, target_loss: float
         raise ValueError(f"no dense run within {tolerance:.2%} of the target loss {target:.4f} after "
                          f"max_runs={max_runs} attempts (closest: {best['steps']} steps, valid loss "
                          f"{best['valid_loss']:.4f}, {best['rel_error']:+.2%}); see {out / SUMMARY}")
-    if release_dir is not None:
-        from pmp_megatron.release.from_checkpoint import release
-
-        summary["release"] = str(release(summary["chosen"]["dir"], release_dir, overwrite=overwrite_release))
-        _write_summary(out, summary)
     return summary
 
 

@@ -237,3 +237,30 @@ def test_adaptive_key_attackers_run_as_cells(releases, tmp_path):
     assert len(records) == 2 and {rec["status"] for rec in records} == {"ok"}, records
     for rec in records:
         assert 0 < rec["mask_density"] < 1 and 0 <= rec["iou"] <= 1, rec
+
+
+def test_attack_results_and_report_never_hold_the_secret_seed(releases, tmp_path):
+    """With a v2 key carrying a secret 128-bit W0 seed (recovery_init regenerates W0 from it), nothing that
+    pmp-attack or pmp-attack report writes -- results, report, summary, plots -- holds the seed."""
+    import secrets
+
+    r = releases
+    secret = secrets.randbits(128) | (1 << 127)
+    masks, meta = maskfile.load(r["mask"])
+    key = tmp_path / "private" / "key.safetensors"
+    maskfile.save(masks, key, rho=meta["rho"], w0_seed=secret)
+    suite = _suite(tmp_path, "secret", attackers=["recovery_init", "recovery_seed_guess"],
+                   tasks=[{"kind": "synthetic", "source": "copy", "length": 3, "num_train": 16,
+                           "num_eval": 8}],
+                   adversaries=[{"method": "full", "optimizer": "adamw", "lr": 1.0e-3, "steps": 2,
+                                 "batch_size": 2}], seeds=[0])
+    out, report_dir = tmp_path / "results.jsonl", tmp_path / "report"
+    assert run("attack", ["--suite", str(suite), "--model", str(r["pmp"]), "--mask", str(key), "--out",
+                          str(out), "--device", "cpu", "--log-level", "WARNING"]) == 0
+    assert run("attack", ["report", str(out), "--suite", str(suite), "--out", str(report_dir)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {rec["attacker"] for rec in records} == {"recovery_init", "recovery_seed_guess"}
+    written = [out, *report_dir.rglob("*")]
+    blob = b"".join(p.read_bytes() for p in written if p.is_file())
+    for form in (str(secret), hex(secret)[2:], format(secret, "x").upper()):
+        assert form.encode() not in blob, form

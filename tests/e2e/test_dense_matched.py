@@ -115,7 +115,7 @@ def test_chosen_run_is_dense_from_the_pmp_w0_with_the_schedule_rules(matched):
 
 @pytest.mark.e2e
 def test_secret_seed_only_in_the_0600_seed_file(matched):
-    from pmp_megatron.release.from_checkpoint import checkpoint_config
+    from pmp_megatron.train.checkpoint import checkpoint_config
 
     pmp, out, _ = matched
     cfg, common = checkpoint_config(pmp, STEPS)

@@ -222,7 +222,7 @@ def test_hf_to_megatron_to_hf_is_bit_identical(releases, tmp_path):
 def test_bad_inputs_are_named(checkpoints, releases, tmp_path):
     from pmp_megatron.pmp import maskfile
     from pmp_megatron.release import audit
-    from pmp_megatron.release.from_checkpoint import resolve_iteration
+    from pmp_megatron.train.checkpoint import resolve_iteration
 
     with pytest.raises(ValueError, match="does not exist"):
         resolve_iteration(tmp_path / "nowhere")

@@ -27,17 +27,10 @@ def _train(run_dir, overrides, world):
     import logging
 
     from pmp_megatron import mcore
-    from pmp_megatron.testing import debug_config, synthetic_batches
+    from pmp_megatron.testing import capture_log_messages, debug_config, synthetic_batches
     from pmp_megatron.train.trainer import Trainer
 
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Keep())
-    logging.getLogger().setLevel(logging.DEBUG)
+    lines = capture_log_messages(logging.DEBUG)
     cfg = debug_config([*BASE, f"checkpoint.dir={run_dir}", *overrides], world)
 
     def source(split, consumed):

@@ -92,7 +92,7 @@ def test_yaml_files_validate_and_full_grid_is_tar_sized():
             assert len(advs) >= 26
     assert len(cells) == len(full.adversaries) * len(full.tasks) * len(full.seeds) * (len(full.attackers) + 1)
     smoke_cells = expand_cells(smoke, {"pmp": "p", "dense": "d"}, "mask", "regen")
-    assert len(smoke_cells) == 72 and max(a.steps for a in smoke.adversaries) <= 8
+    assert len(smoke_cells) == 84 and max(a.steps for a in smoke.adversaries) <= 8
     for suite in (full, smoke, load_suite(ATTACKS / "results-cpu.yaml")):
         assert suite.decision is not None and len(suite.seeds) >= 3
     results = load_suite(ATTACKS / "results-cpu.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pmp_megatron.testing import spawn
+from pmp_megatron.testing import capture_log_messages, spawn
 
 STEPS = 4
 OVERRIDES = ["train.train_steps=4", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -38,23 +38,9 @@ def _trainer(run_dir):
     return Trainer(cfg, batches=source)
 
 
-def _capture_logs() -> list[str]:
-    import logging
-
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Keep())
-    logging.getLogger().setLevel(logging.INFO)
-    return lines
-
-
 def _run(run_dir):
     """Train (or resume) to STEPS; (iteration resumed from, exit code, log lines)."""
-    logs = _capture_logs()
+    logs = capture_log_messages()
     trainer = _trainer(run_dir)
     trainer.setup()
     state = trainer.build()
