@@ -87,7 +87,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or srun).
 
     NCCL when CUDA is available, gloo otherwise (with the CPU shim). A single process without those
-    variables gets a world of one on a free local port.
+    variables gets a world of one on an in-memory store: no port, and nothing written into ``os.environ``
+    (a child process -- a ``pmp-release`` run by a script -- would otherwise inherit RANK and a
+    MASTER_PORT this process holds, and fail to bind it).
     """
     cpu_shim.activate()
     if dist.is_initialized():
@@ -96,15 +98,15 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend="nccl" if torch.cuda.is_available() else "gloo",
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def setup_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, rng_seed: int = 0) -> None:

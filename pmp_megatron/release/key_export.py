@@ -44,7 +44,7 @@ def load_global_masks(root, iteration: int | None = None):
         raise ValueError(f"checkpoint {checkpoint.iter_dir(root, iteration)} has no PMP masks "
                          f"(pmp.mode={common.get('pmp_mode')})")
     cfg = single_process_config(common)
-    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
+    mcore.setup_parallel(rng_seed=cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
     chunks = build_model(cfg)
     template = pmp_masks.sharded_state_dict(chunks, empty=True)
     loaded = mcore.dist_checkpointing.load({"pmp_masks": template},

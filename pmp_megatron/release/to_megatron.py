@@ -89,7 +89,7 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
     if dist.get_world_size() != 1:
         raise ValueError(f"to_megatron runs in one process, got a world of {dist.get_world_size()}")
     _prepare_target(root, overwrite)
-    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
+    mcore.setup_parallel(rng_seed=cfg.train.seed)  # an RNG seed (a 128-bit W0 seed is no torch seed)
     chunks = build_model(cfg)
     for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
         full = canonical.pop(name)

@@ -94,7 +94,7 @@ def _our_logits(root, tokens, iteration=None):
     mcore.init_distributed()
     iteration = checkpoint.latest_valid(root) if iteration is None else iteration
     cfg = single_process_config(checkpoint.read_common(root, iteration))
-    mcore.init_model_parallel(1, 1, None, cfg.train.seed)  # an RNG seed (a secret W0 seed is 128-bit)
+    mcore.setup_parallel(rng_seed=cfg.train.seed)  # an RNG seed (a secret W0 seed is 128-bit)
     chunks = build_model(cfg)
     checkpoint.load(root, iteration, chunks, None, cfg)
     chunks[0].eval()
