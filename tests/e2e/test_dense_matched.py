@@ -23,6 +23,14 @@ import torch
 
 from pmp_megatron.train.matched import SEED_FILE, SUMMARY, final_valid_loss, match, next_steps
 
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """match() and checkpoint_config() open a world of one in this process; later tests start without one."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVAL, WARMUP = 80, 40, 8  # the PMP run: 2 evaluations, so the dense runs' steps are even
 
