@@ -91,8 +91,23 @@ class DiscoveryConfig:
     max_steps: int = 500  # upper bound on mask-discovery steps
     iou_threshold: float = 0.99  # mask IoU between checks that counts as "stable"
     patience: int = 5  # consecutive stable checks needed to stop discovery
-    lr: float = 2e-5  # learning rate during discovery
+    lr: float = 2e-5  # learning rate during discovery (peak, after warmup_steps)
+    warmup_steps: int = 0  # linear warm-up of the Stage-I learning rate, in Stage-I steps
+    adam_beta1: float | None = None  # Stage-I AdamW beta1 (None: optim.adam_beta1)
+    adam_beta2: float | None = None  # Stage-I AdamW beta2 (None: optim.adam_beta2; the reference uses 0.999)
     clip_grad: float = 1.0  # gradient-norm clip during discovery
+    # what is ranked: one step's |g| (the reference) | the sum of |g_t| over the Stage-I steps so far |
+    # an EMA of g^2 (ema_beta); the IoU stop rule compares consecutive masks of the ranked score
+    score: Literal["grad", "accumulated", "ema"] = "grad"
+    ema_beta: float = 0.99  # decay of the g^2 EMA (score: ema)
+    # the batch whose gradient is ranked and trained on each Stage-I step: the global batch, or ONE
+    # micro-batch per data-parallel rank (the reference: one 4 x 256 micro-batch at DP 1)
+    batch: Literal["global", "micro"] = "global"
+    # one ranking over the whole model (the reference), or exactly floor(rho * n) entries per tensor
+    quota: Literal["global", "per_tensor"] = "global"
+    # the input embedding ranked like any tensor (the reference), or always trainable (all True; the top-k
+    # then runs over the other parameters with k = floor(rho * their count))
+    embedding: Literal["masked", "trainable"] = "masked"
     save_interval: int = 50  # Stage-I steps between Stage-I checkpoints (0: only on preemption)
 
 
@@ -100,9 +115,19 @@ class DiscoveryConfig:
 class PMPConfig:
     mode: Literal["pmp", "dense"] = "pmp"  # private-mask pre-training or plain dense baseline
     rho: float | None = None  # fraction of weights in the private mask; required (0, 1] for mode pmp
-    complement: Literal["decay", "frozen"] = "decay"  # treatment of weights outside the mask
+    # treatment of weights outside the mask: decayed by AdamW (the reference) | kept at W0 bit for bit |
+    # replaced every redraw_interval steps by a fresh secret draw matched, per tensor, to the |w| quantiles
+    # of the trained (masked-in) entries, so complement magnitudes carry no signal (needs a secret W0 seed)
+    complement: Literal["decay", "frozen", "redraw"] = "decay"
+    redraw_interval: int = 100  # steps between complement redraws (complement: redraw)
     projection: bool = False  # periodically project complement weights into a ball
-    projection_radius: float = 2.0  # projection radius R
+    # the ball's radius: projection_radius (R, absolute: the reference's 2.0) | projection_rms * sqrt(number
+    # of complement entries) (a per-entry RMS, size-free) | projection_shrink * the complement's L2 norm at
+    # the start of Stage II (a shrink factor of W0's complement, size-free)
+    projection_target: Literal["radius", "rms", "shrink"] = "radius"
+    projection_radius: float = 2.0  # projection radius R (projection_target: radius)
+    projection_rms: float = 1e-4  # per-entry RMS of the complement after a projection (projection_target: rms)
+    projection_shrink: float = 0.01  # radius as a fraction of W0's complement norm (projection_target: shrink)
     projection_interval: int = 400  # projection period tau, in steps
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # mask discovery phase
 
@@ -234,13 +259,32 @@ class Config:
         _check(self.optim.lr_warmup_steps < t.train_steps or self.optim.lr_decay_style == "constant",
                f"optim.lr_warmup_steps ({self.optim.lr_warmup_steps}) must be < train.train_steps "
                f"({t.train_steps})")
-        _check(pmp.projection_radius > 0, f"pmp.projection_radius must be > 0, got {pmp.projection_radius}")
-        iou = pmp.discovery.iou_threshold
-        _check(0.0 < iou <= 1.0, f"pmp.discovery.iou_threshold must be in (0, 1], got {iou}")
-        steps = pmp.discovery.max_steps
-        _check(steps >= 0, f"pmp.discovery.max_steps must be >= 0, got {steps}")
+        self._validate_pmp()
         self._validate_numbers()
         return self
+
+    def _validate_pmp(self) -> None:
+        """PMP options that cannot combine, before any compute."""
+        pmp, d, m = self.pmp, self.pmp.discovery, self.model
+        for name in ("pmp.projection_radius", "pmp.projection_rms", "pmp.projection_shrink"):
+            _check(_get(self, name) > 0, f"{name} must be > 0, got {_get(self, name)}")
+        _check(0.0 < d.iou_threshold <= 1.0,
+               f"pmp.discovery.iou_threshold must be in (0, 1], got {d.iou_threshold}")
+        _check(d.max_steps >= 0, f"pmp.discovery.max_steps must be >= 0, got {d.max_steps}")
+        _check(d.warmup_steps >= 0, f"pmp.discovery.warmup_steps must be >= 0, got {d.warmup_steps}")
+        _check(pmp.redraw_interval >= 1, f"pmp.redraw_interval must be >= 1, got {pmp.redraw_interval}")
+        for name in ("pmp.discovery.adam_beta1", "pmp.discovery.adam_beta2", "pmp.discovery.ema_beta"):
+            value = _get(self, name)
+            _check(value is None or 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        _check(pmp.complement != "redraw" or m.seed is None,
+               "pmp.complement=redraw draws the complement from the secret W0 seed: it needs model.seed "
+               f"null (a drawn secret) or model.seed_file, not a public model.seed ({m.seed})")
+        _check(pmp.complement != "redraw" or pmp.mode == "pmp", "pmp.complement=redraw needs pmp.mode=pmp")
+        _check(pmp.complement != "redraw" or not pmp.projection,
+               "pmp.complement=redraw and pmp.projection exclude each other (a redraw matches the trained "
+               "entries' magnitudes; a projection would shrink them again)")
+        if pmp.mode == "pmp" and pmp.rho is not None and d.embedding == "trainable":
+            _check(pmp.rho < 1.0, "pmp.discovery.embedding=trainable with pmp.rho=1 masks nothing; drop one")
 
     def _validate_numbers(self) -> None:
         """Optimizer, evaluation, data and checkpoint values that would otherwise fail mid-run."""
