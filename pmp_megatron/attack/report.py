@@ -42,7 +42,7 @@ from pmp_megatron.attack.suite import ATTACKERS, RECOVERY_ATTACKERS, Suite
 
 logger = logging.getLogger(__name__)
 
-KEYLESS = ("unauthorized", *RECOVERY_ATTACKERS)
+KEYLESS = ("unauthorized", "unauthorized_frozen_embedding", *RECOVERY_ATTACKERS)
 
 
 def _ok(records: list[dict]) -> list[dict]:

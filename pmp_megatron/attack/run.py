@@ -112,7 +112,7 @@ def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | 
             raise ValueError(f"unknown attacker(s) {unknown}; known: {', '.join(suite_mod.ATTACKERS)}")
     else:
         attackers = list(spec.attackers)
-        for name, missing, flag in (("authorized", mask_sha is None, "--mask"),
+        for name, missing, flag in (*((a, mask_sha is None, "--mask") for a in suite_mod.KEYED_ATTACKERS),
                                     ("recovery_init", regen is None,
                                      "--mask (a v2 key) or --seed-for-regeneration")):
             if name in attackers and missing:

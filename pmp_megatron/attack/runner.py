@@ -7,6 +7,8 @@ Attackers:
   before clipping (like Stage II), AND copies the complement's original values back after every
   optimizer step, so it stays bit-exact under decoupled weight decay (AdamW, Lion), Adafactor and SGD
   momentum alike. Tensors without any masked-in entry are frozen outright.
+- ablations: ``unauthorized_frozen_embedding`` (keyless; every entry but the input embedding's trains) and
+  ``authorized_plus_embedding`` (the owner's mask with every input-embedding entry added).
 - ``recovery_*``: like ``authorized`` with the mask recovered from the release (``release.recovery``);
   ``recovery_init`` regenerates W0 from the init seed (the owner's key holds it), ``recovery_seed_guess``
   guesses the seed.
@@ -53,6 +55,7 @@ from pmp_megatron.attack import tasks
 from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
 from pmp_megatron.attack.suite import (
     ADAPTIVE_ATTACKERS,
+    KEYED_ATTACKERS,
     RECOVERY_ATTACKERS,
     Cell,
     Suite,
@@ -67,6 +70,7 @@ from pmp_megatron.release.writer import TOKENIZER_FILES, file_sha256
 
 logger = logging.getLogger(__name__)
 
+INPUT_EMBEDDING = "model.embed_tokens.weight"  # the HF name of the input embedding (ablation attackers)
 _TRAINED_STATE_HOOK: Callable[[Cell, dict[str, torch.Tensor]], None] | None = None
 _LR_HOOK: Callable[[Cell, float], float] | None = None
 
@@ -171,13 +175,19 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
     """The trainable-entry mask of the cell's attacker (None: everything), and recovery metrics."""
     if cell.attacker == "unauthorized":
         return None, {}
+    if cell.attacker == "unauthorized_frozen_embedding":
+        masks = {n: torch.full(p.shape, n != INPUT_EMBEDDING, dtype=torch.bool, device=p.device)
+                 for n, p in model.named_parameters()}
+        return masks, {"mask_density": recovery.mask_density(masks)}
     true = None
     if ctx.mask_path is not None:
         true = {n: m.to(next(model.parameters()).device) for n, m in load_true_mask(ctx.mask_path)[0].items()}
         check_mask_names(true, weight_shapes(dict(model.named_parameters())), f"mask file {ctx.mask_path}")
-    if cell.attacker == "authorized":
+    if cell.attacker in KEYED_ATTACKERS:
         if true is None:
-            raise ValueError("attacker 'authorized' needs the owner's mask file")
+            raise ValueError(f"attacker {cell.attacker!r} needs the owner's mask file")
+        if cell.attacker == "authorized_plus_embedding":
+            true = {**true, INPUT_EMBEDDING: torch.ones_like(true[INPUT_EMBEDDING])}
         return true, {"mask_density": recovery.mask_density(true)}
     assert cell.attacker in RECOVERY_ATTACKERS, cell.attacker
     spec = ctx.suite.recovery

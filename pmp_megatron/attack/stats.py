@@ -414,10 +414,14 @@ class Grouped:
     curves: dict[str, list[list[tuple[float, float]]]]  # keyless PMP adversary -> per seed curve
 
 
-def record_role(record: dict) -> str:
+def record_role(record: dict) -> str | None:
     """``authorized`` for the owner's attacker on PMP, ``pmp`` for every keyless attacker on PMP, else
-    the record's own role (``dense``, ``dense_matched``, ``scratch``)."""
+    the record's own role (``dense``, ``dense_matched``, ``scratch``); None for a keyed ablation
+    (``authorized_plus_embedding``: it holds the key, so it is no keyless attack, and it is not the owner's
+    fine-tune either), which no headline statistic uses."""
     if record["role"] == "pmp":
+        if record["attacker"] == "authorized_plus_embedding":
+            return None
         return "authorized" if record["attacker"] == "authorized" else "pmp"
     return record["role"]
 
@@ -443,6 +447,8 @@ def group_records(records: Iterable[dict], task: str, score_key: str = "task_los
     before: dict[str, dict[int, float]] = defaultdict(dict)
     for r in records:
         role = record_role(r)
+        if role is None:
+            continue
         cells[(role, f"{r['attacker']}:{r['adversary']}")][int(r["seed"])] = r
         before[role][int(r["seed"])] = float(r[before_key])
     after: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(dict))

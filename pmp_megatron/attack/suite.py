@@ -87,7 +87,12 @@ SCHEDULES = ("constant", "cosine", "linear")
 ADAPTIVE_ATTACKERS = ("recovery_gradient", "recovery_stage1")
 DEFAULT_ATTACKERS = ("unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init",
                      "recovery_seed_guess")
-ATTACKERS = DEFAULT_ATTACKERS + ADAPTIVE_ATTACKERS
+# Mechanism ablations (named explicitly, never defaults): a keyless attacker that leaves the input embedding
+# at its released values, and the owner's key widened by the whole input embedding. The first is keyless (it
+# counts among the keyless attacks); the second holds the key, and is reported apart from every headline.
+ABLATION_ATTACKERS = ("unauthorized_frozen_embedding", "authorized_plus_embedding")
+KEYED_ATTACKERS = ("authorized", "authorized_plus_embedding")  # need the owner's mask
+ATTACKERS = DEFAULT_ATTACKERS + ADAPTIVE_ATTACKERS + ABLATION_ATTACKERS
 RECOVERY_ATTACKERS = ("recovery_global", "recovery_per_tensor", "recovery_init", "recovery_seed_guess",
                       *ADAPTIVE_ATTACKERS)
 _ADAPTIVE_KEYS = ("adaptive_batches", "stage1_steps")  # RecoverySpec fields only the adaptive ids carry
@@ -456,9 +461,10 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
     unknown = sorted(set(model_ids) - set(ROLES))
     if unknown:
         raise ValueError(f"expand_cells: unknown roles {unknown}; known: {', '.join(ROLES)}")
-    if "authorized" in chosen and mask_sha256 is None:
-        raise ValueError("attacker 'authorized' needs the owner's mask (--mask FILE), or drop it with "
-                         "--attackers")
+    for keyed in KEYED_ATTACKERS:
+        if keyed in chosen and mask_sha256 is None:
+            raise ValueError(f"attacker {keyed!r} needs the owner's mask (--mask FILE), or drop it with "
+                             "--attackers")
     if "recovery_init" in chosen and regen_id is None:
         raise ValueError("attacker 'recovery_init' needs the init seed (the owner's key via --mask, or "
                          "--seed-for-regeneration N), or drop it with --attackers")
@@ -477,7 +483,7 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
                 payload["role"] = role
             if task.kind == "lm_eval":  # the training data's definition is part of the cell
                 payload["train_task"] = task_payload(next(t for t in suite.tasks if t.name == task.train))
-            if attacker == "authorized":
+            if attacker in KEYED_ATTACKERS:
                 payload["mask"] = mask_sha256
             if attacker in RECOVERY_ATTACKERS:  # a knob enters only its own attacker's ids (older ids stay)
                 payload["recovery"] = {k: v for k, v in dataclasses.asdict(suite.recovery).items()

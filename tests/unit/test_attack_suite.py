@@ -466,3 +466,44 @@ def test_seed_guessing_attacker_runs_as_a_cell_attacker(tmp_path):
     ctx = AttackContext(suite=suite, models={"pmp": str(release)}, model_ids=ids, mask_path=str(key))
     masks, info = attacker_mask(cells[0], ctx, load_model(release, torch.device("cpu")))
     assert info["seed_found"] and info["iou"] > 0.99 and recovery.iou(masks, true) > 0.99
+
+
+@pytest.mark.parametrize("attacker", ["unauthorized_frozen_embedding", "authorized_plus_embedding"])
+def test_ablation_attackers_train_exactly_their_entries(tmp_path, attacker):
+    """The keyless attacker with the input embedding frozen leaves that embedding bit-identical and trains
+    everything else; the key widened by the input embedding trains every embedding entry and leaves the
+    rest of the complement bit-identical. The keyed ablation is in no headline role."""
+    from pmp_megatron.attack import runner, stats
+    from pmp_megatron.attack.runner import AttackContext, model_identity, run_cell
+    from pmp_megatron.pmp import maskfile
+    from pmp_megatron.release.reader import read_weights
+
+    release, true = _tiny_release(tmp_path, "rel")
+    key = tmp_path / "key.safetensors"
+    maskfile.save(true, key, rho=0.5, w0_seed=7)
+    suite = suite_from_dict({
+        "name": "ablation", "seq_length": 16, "seeds": [0], "attackers": [attacker],
+        "tasks": [{"kind": "synthetic", "source": "copy", "length": 4, "num_train": 32, "num_eval": 8}],
+        "adversaries": [{"method": "full", "optimizer": "adamw", "lr": 1e-2, "steps": 3, "batch_size": 4}]})
+    ids = {"pmp": model_identity(release)}
+    (cell,) = expand_cells(suite, ids, mask_sha256=maskfile.load(key)[1]["sha256"])
+    ctx = AttackContext(suite=suite, models={"pmp": str(release)}, model_ids=ids, mask_path=str(key))
+    seen = {}
+    runner.set_trained_state_hook(lambda c, state: seen.update(state))
+    try:
+        record = run_cell(cell, ctx)
+    finally:
+        runner.set_trained_state_hook(None)
+    released = read_weights(release)[0]
+    emb = runner.INPUT_EMBEDDING
+    for name, before in released.items():
+        after, moved = seen[name], seen[name] != before
+        if attacker == "unauthorized_frozen_embedding":
+            assert moved.any() == (name != emb), name
+        else:
+            keep = true[name] | (name == emb)
+            assert not moved[~keep].any(), name  # the complement outside the embedding: bit-identical
+            if name == emb:
+                assert moved[~true[name]].any()  # embedding entries outside the key trained too
+    assert record["status"] == "ok"
+    assert (stats.record_role(record) is None) == (attacker == "authorized_plus_embedding")
