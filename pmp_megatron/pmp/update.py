@@ -16,19 +16,33 @@ Complement policies (``pmp.complement``), then the optional projection (``pmp.pr
   the first step, so zero moments), so the only thing that moves it is the decoupled decay; we keep the
   complement's values (``(1 - rho)`` of the parameters) and write them back after each optimizer step,
   into the model parameters and the optimizer's main copies.
+- ``redraw``: every ``redraw_interval`` steps (after the optimizer step numbered ``step``, at its
+  multiples) each tensor's complement is replaced by a fresh secret draw matched to the magnitudes of its
+  trained entries (``pmp/redraw.py``: the draw, its seed, what holds under TP). Between redraws the
+  complement decays as under ``decay``. It needs the secret W0 seed (``secret_seed``).
 - projection: every ``projection_interval`` steps, if the joint L2 norm of ALL complement entries of the
-  model (reduced over TP and PP, replicated copies counted once, padded rows excluded) exceeds
-  ``projection_radius``, the complement is scaled onto the ball of that radius.
+  model (reduced over TP and PP, replicated copies counted once, padded rows excluded) exceeds the radius
+  R, the complement is scaled onto the ball of radius R. R (``projection_target``, fixed when the rule is
+  built and logged): ``radius``: ``projection_radius``; ``rms``: ``projection_rms * sqrt(number of real
+  complement entries)``; ``shrink``: ``projection_shrink`` * the joint norm of the complement at W0, the
+  start of Stage II. That norm is computed from W0 regenerated from ``model.seed`` (``model.w0``, cast to
+  the parameters' dtype as the model held it), not from the current weights, so a resumed run gets the
+  same R bit for bit as the run that started at W0.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from pmp_megatron import mcore
 from pmp_megatron.model.params import shard_infos
+from pmp_megatron.model.w0 import w0_tensor
+from pmp_megatron.pmp import redraw
+
+logger = logging.getLogger(__name__)
 
 
 def _leaf_optimizers(optimizer):
@@ -49,10 +63,11 @@ class MaskedUpdate:
     """Applies the PMP update rule to a model whose parameters carry ``pmp_mask`` (see module docstring).
 
     The complement policies edit the tensors the optimizer actually steps: the fp32 main copies under
-    bf16/fp16 (then copied down to the model), the parameters themselves in fp32.
+    bf16/fp16 (then copied down to the model), the parameters themselves in fp32. ``secret_seed``: the
+    secret W0 seed, needed by ``pmp.complement=redraw`` only (None when the seed is public); never logged.
     """
 
-    def __init__(self, chunks, optimizer, cfg):
+    def __init__(self, chunks, optimizer, cfg, secret_seed: int | None = None):
         self.cfg = cfg
         self.optimizer = optimizer
         infos = shard_infos(chunks, cfg.model.vocab_size)
@@ -61,18 +76,27 @@ class MaskedUpdate:
             raise ValueError(f"MaskedUpdate needs a PMP mask on every parameter (pmp.masks.attach); "
                              f"{len(unmasked)} of {len(infos)} have none, e.g. {unmasked[0]}")
         self.entries = list(infos.values())
-        edits_complement = cfg.pmp.complement == "frozen" or cfg.pmp.projection
+        edits_complement = cfg.pmp.complement in ("frozen", "redraw") or cfg.pmp.projection
         mixed = cfg.model.params_dtype != "float32"
         if edits_complement and mixed and cfg.parallel.use_distributed_optimizer:
-            raise ValueError("pmp.complement=frozen and pmp.projection need model.params_dtype=float32 or "
-                             "parallel.use_distributed_optimizer=false with bf16/fp16 (the distributed "
-                             "optimizer's sharded fp32 copies are not edited yet)")
+            raise ValueError("pmp.complement=frozen|redraw and pmp.projection need "
+                             "model.params_dtype=float32 or parallel.use_distributed_optimizer=false with "
+                             "bf16/fp16 (the distributed optimizer's sharded fp32 copies are not edited yet)")
+        if cfg.pmp.complement == "redraw" and secret_seed is None:
+            raise ValueError("pmp.complement=redraw draws the complement from the secret W0 seed, and this "
+                             "run has none (a public model.seed); leave model.seed unset or use "
+                             "model.seed_file")
+        if cfg.pmp.projection and cfg.pmp.projection_target == "shrink" and cfg.model.seed is None:
+            raise ValueError("pmp.projection_target=shrink regenerates W0 and needs model.seed (the Trainer "
+                             "sets it to the run's seed)")
+        self._secret_seed = secret_seed
         main = _main_params(optimizer) if mixed else {}
         # (tensor the optimizer steps, mask, info) per parameter
         self.targets = [(main.get(id(p), p), p.pmp_mask, info) for p, info in self.entries]
         self.frozen_values = None
         if cfg.pmp.complement == "frozen":
             self.frozen_values = [t.detach()[~m].clone() for t, m, _ in self.targets]
+        self.radius = self._projection_radius() if cfg.pmp.projection else None
         tcfg = mcore.unwrap(chunks[0]).config
         inner = tcfg.finalize_model_grads_func
         assert inner is not None, "wrap the model in DDP (train.step.wrap_ddp) before MaskedUpdate"
@@ -107,11 +131,15 @@ class MaskedUpdate:
                 t.data.masked_scatter_(~m, values)
             changed = True
         pmp = self.cfg.pmp
+        if pmp.complement == "redraw" and step % pmp.redraw_interval == 0:
+            stats["redrawn_entries"] = self.redraw(step)
+            changed = True
         if pmp.projection and step % pmp.projection_interval == 0:
             norm = self.complement_norm()
             stats["complement_norm"] = norm
-            if norm > pmp.projection_radius:
-                scale = pmp.projection_radius / norm
+            stats["projection_radius"] = self.radius
+            if norm > self.radius:
+                scale = self.radius / norm
                 for t, m, _ in self.targets:
                     t.data.copy_(torch.where(m, t.data, t.data * scale))
                 changed = True
@@ -121,13 +149,75 @@ class MaskedUpdate:
         return stats
 
     @torch.no_grad()
+    def redraw(self, step: int) -> int:
+        """Redraw every tensor's complement (``pmp/redraw.py``) for step ``step``; return the number of
+        real complement entries redrawn in the whole model (each counted once)."""
+        num = torch.zeros(1, dtype=torch.int64, device=mcore.device())
+        for t, m, info in self.targets:
+            real = info.real(m.shape, device=m.device)
+            gen = torch.Generator().manual_seed(
+                redraw.draw_seed(self._secret_seed, step, info.name, info.dim, info.blocks))
+            drawn = redraw.redraw_(t.data, m & real, ~m & real, gen)
+            if info.counted:
+                num += drawn
+        if torch.distributed.is_initialized():
+            mcore.all_reduce(num, group=mcore.model_parallel_group())
+        _rank0_info("step %d: complement redrawn (%d entries)", step, num.item())
+        return num.item()
+
+    def _projection_radius(self) -> float:
+        """The projection's R for ``pmp.projection_target`` (module docstring); logged on rank 0."""
+        pmp = self.cfg.pmp
+        if pmp.projection_target == "radius":
+            radius = pmp.projection_radius
+            _rank0_info("projection radius R = %.6g (pmp.projection_radius)", radius)
+        elif pmp.projection_target == "rms":
+            num = torch.zeros(1, dtype=torch.int64, device=mcore.device())
+            for _, m, info in self.targets:
+                if info.counted:
+                    num += (~m & info.real(m.shape, device=m.device)).sum()
+            if torch.distributed.is_initialized():
+                mcore.all_reduce(num, group=mcore.model_parallel_group())
+            radius = pmp.projection_rms * math.sqrt(num.item())
+            _rank0_info("projection radius R = %.6g = pmp.projection_rms %.6g * sqrt(%d complement entries)",
+                        radius, pmp.projection_rms, num.item())
+        else:
+            norm = self.w0_complement_norm()
+            radius = pmp.projection_shrink * norm
+            _rank0_info("projection radius R = %.6g = pmp.projection_shrink %.6g * W0's complement norm %.6g",
+                        radius, pmp.projection_shrink, norm)
+        return radius
+
+    @torch.no_grad()
+    def w0_complement_norm(self) -> float:
+        """Joint L2 norm of the complement at W0 (regenerated from ``model.seed``, in the parameters'
+        dtype): the complement at the start of Stage II, whatever the current weights."""
+        m_cfg = self.cfg.model
+        w0 = []
+        for (p, _), (_, m, info) in zip(self.entries, self.targets, strict=True):
+            if info.counted:
+                full = w0_tensor(info.name, info.global_shape, m_cfg.seed, m_cfg.init_method_std)
+                w0.append((info.to_local(full, p.shape).to(p.dtype).to(m.device), m, info))
+        return _joint_complement_norm(w0)
+
+    @torch.no_grad()
     def complement_norm(self) -> float:
         """Joint L2 norm of every complement entry of the whole model (each real entry counted once)."""
-        sq = torch.zeros(1, dtype=torch.float64, device=mcore.device())
-        for t, m, info in self.targets:
-            if info.counted:
-                comp = ~m & info.real(m.shape, device=m.device)
-                sq += t.data.double().pow(2)[comp].sum()
-        if torch.distributed.is_initialized():
-            mcore.all_reduce(sq, group=mcore.model_parallel_group())
-        return math.sqrt(sq.item())
+        return _joint_complement_norm([(t.data, m, info) for t, m, info in self.targets])
+
+
+def _joint_complement_norm(tensors) -> float:
+    """Joint L2 norm of the complement of ``(tensor, mask, info)`` shards over the model-parallel group."""
+    sq = torch.zeros(1, dtype=torch.float64, device=mcore.device())
+    for t, m, info in tensors:
+        if info.counted:
+            comp = ~m & info.real(m.shape, device=m.device)
+            sq += t.double().pow(2)[comp].sum()
+    if torch.distributed.is_initialized():
+        mcore.all_reduce(sq, group=mcore.model_parallel_group())
+    return math.sqrt(sq.item())
+
+
+def _rank0_info(msg: str, *args) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        logger.info(msg, *args)

@@ -211,7 +211,8 @@ class Trainer:
     def _with_rule(self, state: TrainState) -> TrainState:
         cfg = self.cfg
         if cfg.pmp.mode == "pmp":
-            state.rule = MaskedUpdate(state.model, state.optimizer, cfg)
+            state.rule = MaskedUpdate(state.model, state.optimizer, cfg,
+                                      secret_seed=cfg.model.seed if self.seed_secret else None)
             logger.info("Stage II: PMP with %.4f of the parameters trainable (complement: %s%s)",
                         pmp_masks.density(state.model, cfg.model.vocab_size), cfg.pmp.complement,
                         ", projected" if cfg.pmp.projection else "")
