@@ -36,6 +36,13 @@ carries ``N``), plus, only when the tie at ``T`` must be split, ``ceil(log2(N) /
 parameter names and sizes (cached afterwards; a layout change on any rank is detected through the
 first all-reduce, so all ranks refresh together). Scores are read once per pass, entry by entry (no
 flattened copy of the model); each pass syncs with the host (histogram digits are chosen on the host).
+
+Per-tensor quotas (``per_tensor_topk_masks``): the same radix select and tie rule run for every parameter
+tensor at once, each tensor with its own ``k = floor(rho * n_tensor)``, threshold and cut. The histograms
+get one row per tensor of the model (names agreed through the cached layout), so a tensor's TP shards
+and replicated copies are ranked together, and the number of collectives does not grow with the number
+of tensors; the digits are narrower (8 bits) to keep the rows small. Ties are broken by the index inside
+the global tensor, which orders a tensor's entries exactly as the model-wide global index does.
 """
 
 from __future__ import annotations
@@ -274,27 +281,165 @@ def global_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rho: f
     if k == 0:
         return masks, SelectionStats(k=0, num_params=n, threshold=math.inf, num_tied=0, num_tied_kept=0)
     need = k - above
-    split = need < eq
-    if split:
+    cut, offsets = None, {}
+    if need < eq:
         offsets, total = _layout(entries, group, refresh=bool(miss))
         cut = _index_cut(entries, threshold, need, offsets, total, group, device)
     for name, (t, info) in entries.items():
-        bits = _abs_bits(t)
-        mask = masks[name]
-        for (view, block), (lo, _) in zip(_blocks(info, bits), info.local_slices(), strict=True):
-            if not split:
-                mask[lo] = view >= threshold
-                continue
-            last = _cut_position(cut, info, block, offsets[info.name], view.numel())
-            if last < 0 or last >= view.numel() - 1:  # the cut falls outside this block
-                mask[lo] = view > threshold if last < 0 else view >= threshold
-                continue
-            kept = (view > threshold).contiguous().view(-1)
-            tied = (view == threshold).reshape(-1)
-            kept[:last + 1] |= tied[:last + 1]
-            mask[lo] = kept.view(view.shape)
-    value = torch.tensor(threshold, dtype=torch.int32).view(torch.float32).item()
-    return masks, SelectionStats(k=k, num_params=n, threshold=value, num_tied=eq, num_tied_kept=need)
+        _fill_mask(masks[name], t, info, threshold, cut, offsets.get(info.name, 0))
+    return masks, SelectionStats(k=k, num_params=n, threshold=_bits_value(threshold), num_tied=eq,
+                                 num_tied_kept=need)
+
+
+def _bits_value(bits: int) -> float:
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
+
+
+def _fill_mask(mask: torch.Tensor, t: torch.Tensor, info: ShardInfo, threshold: int, cut: int | None,
+               offset: int) -> None:
+    """Set the real entries of ``mask`` to (|t| > T) or (|t| == T and global index <= C); without a cut
+    (``cut`` None) every tied entry is kept. ``offset``: the global index of the tensor's first entry."""
+    bits = _abs_bits(t)
+    for (view, block), (lo, _) in zip(_blocks(info, bits), info.local_slices(), strict=True):
+        if cut is None:
+            mask[lo] = view >= threshold
+            continue
+        last = _cut_position(cut, info, block, offset, view.numel())
+        if last < 0 or last >= view.numel() - 1:  # the cut falls outside this block
+            mask[lo] = view > threshold if last < 0 else view >= threshold
+            continue
+        kept = (view > threshold).contiguous().view(-1)
+        tied = (view == threshold).reshape(-1)
+        kept[:last + 1] |= tied[:last + 1]
+        mask[lo] = kept.view(view.shape)
+
+
+# ---------------------------------------------------------------- per-tensor quotas
+
+_TENSOR_VALUE_DIGITS = (7, 8, 8, 8)  # narrower digits: one histogram row per tensor (sum = 31)
+_TENSOR_INDEX_DIGIT_BITS = 8
+
+
+def _model_layout(entries, group) -> tuple[dict[str, int], int]:
+    """``_layout`` refreshed on every rank together when any rank's layout changed (one tiny all-reduce)."""
+    cached = _LAYOUT_CACHE.get(_group_key(group))
+    miss = torch.tensor([int(cached is None or cached[0] != _layout_key(entries))], dtype=torch.int64,
+                        device=_device(entries))
+    _all_reduce(miss, group)
+    return _layout(entries, group, refresh=bool(miss.item()))
+
+
+def _row_select(hist: torch.Tensor, remaining: torch.Tensor, from_top: bool) -> torch.Tensor:
+    """Per row of a host histogram ``[S, bins]``: the digit holding the ``remaining``-th candidate,
+    counting from the largest digit (values) or from the smallest (indices)."""
+    if from_top:
+        at_least = hist.flip(1).cumsum(1).flip(1)  # count(digit >= d)
+        return ((at_least >= remaining[:, None]).sum(1) - 1).clamp(min=0)
+    cum = hist.cumsum(1)  # count(digit <= d)
+    return (cum < remaining[:, None]).sum(1).clamp(max=hist.shape[1] - 1)
+
+
+def _tensor_thresholds(counted, ks: torch.Tensor, group, device):
+    """Radix select over the value bits, one histogram row per tensor: per row the threshold bits T,
+    count(> T) and count(== T). ``counted``: (local tensor, ShardInfo, row) of the counted shards."""
+    num_rows = ks.numel()
+    prefix = torch.zeros(num_rows, dtype=torch.int64)
+    above = torch.zeros(num_rows, dtype=torch.int64)
+    remaining, eq, prefix_bits = ks.clone(), None, 0
+    for width in _TENSOR_VALUE_DIGITS:
+        shift = _VALUE_BITS - prefix_bits - width
+        bins = 1 << width
+        hist = torch.zeros(num_rows, bins, dtype=torch.int64, device=device)
+        for t, info, row in counted:
+            for view, _ in _blocks(info, _abs_bits(t)):
+                if prefix_bits:
+                    view = view[(view >> (shift + width)) == int(prefix[row])]
+                hist[row] += torch.bincount(((view >> shift) & (bins - 1)).reshape(-1), minlength=bins)
+        h = _all_reduce(hist, group).cpu()
+        digit = _row_select(h, remaining, from_top=True)
+        eq = h.gather(1, digit[:, None]).squeeze(1)
+        at_least = h.flip(1).cumsum(1).flip(1).gather(1, digit[:, None]).squeeze(1)
+        above += at_least - eq
+        remaining -= at_least - eq
+        prefix = (prefix << width) | digit
+        prefix_bits += width
+    return prefix, above, eq
+
+
+def _tensor_index_cuts(tied, need: torch.Tensor, nbits: int, group, device) -> torch.Tensor:
+    """Radix select over the in-tensor global indices of tied entries, one row per split tensor: the cut
+    C per row such that exactly ``need`` tied entries have index <= C. ``tied``: (row, indices)."""
+    passes = -(-nbits // _TENSOR_INDEX_DIGIT_BITS)
+    widths = [nbits - _TENSOR_INDEX_DIGIT_BITS * (passes - 1)] + [_TENSOR_INDEX_DIGIT_BITS] * (passes - 1)
+    prefix = torch.zeros(need.numel(), dtype=torch.int64)
+    remaining, prefix_bits = need.clone(), 0
+    for width in widths:
+        shift = nbits - prefix_bits - width
+        bins = 1 << width
+        if prefix_bits:
+            tied = [(row, c[(c >> (shift + width)) == int(prefix[row])]) for row, c in tied]
+        hist = torch.zeros(need.numel(), bins, dtype=torch.int64, device=device)
+        for row, c in tied:
+            hist[row] += torch.bincount((c >> shift) & (bins - 1), minlength=bins)
+        h = _all_reduce(hist, group).cpu()
+        digit = _row_select(h, remaining, from_top=False)
+        remaining -= h.cumsum(1).gather(1, digit[:, None]).squeeze(1) - h.gather(1, digit[:, None]).squeeze(1)
+        prefix = (prefix << width) | digit
+        prefix_bits += width
+    return prefix
+
+
+def per_tensor_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, group=None,
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, SelectionStats]]:
+    """Bool masks keeping exactly ``floor(rho * n)`` entries of largest ``|score|`` in EACH parameter
+    tensor (``n``: its real entries, replicated copies counted once), ties kept in order of the index
+    inside the global tensor -- the tie rule of ``global_topk_masks`` applied to one tensor at a time.
+
+    Same arguments and collective contract as ``global_topk_masks``: a tensor's TP shards (and replicated
+    copies) are ranked together over ``group``, every tensor of the model at once -- one histogram row per
+    tensor -- so the passes do not grow with the number of tensors: 4 all-reduces of ``[tensors, <=256]``
+    int64 values, plus a tiny one to agree on the model's layout, plus, only when some tensor's tie at its
+    threshold must be split, ``ceil(log2(n_max) / 8)`` of ``[split tensors, <=256]``. Returns the masks
+    and, per canonical name, that tensor's selection statistics.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    group = default_group(group)
+    device = _device(entries)
+    offsets, total = _model_layout(entries, group)
+    names = list(offsets)  # every tensor of the model, sorted, on every rank
+    sizes = [end - start for start, end in zip(offsets.values(), [*list(offsets.values())[1:], total],
+                                               strict=True)]
+    rows = {name: i for i, name in enumerate(names)}
+    ks = torch.tensor([math.floor(rho * n) for n in sizes], dtype=torch.int64)
+    counted = [(t, info, rows[info.name]) for t, info in entries.values() if info.counted]
+    prefix, above, eq = _tensor_thresholds(counted, ks, group, device)
+    need = ks - above
+    split = [i for i in range(len(names)) if 0 < ks[i] and need[i] < eq[i]]
+    cuts: dict[int, int] = {}
+    if split:
+        split_row = {row: j for j, row in enumerate(split)}
+        tied = []
+        for t, info, row in counted:
+            if row in split_row:
+                for view, block in _blocks(info, _abs_bits(t)):
+                    flat = (view == int(prefix[row])).reshape(-1).nonzero().squeeze(1)
+                    tied.append((split_row[row], _global_index(flat, info, block, 0)))
+        nbits = max(1, max(sizes[row] - 1 for row in split).bit_length())
+        found = _tensor_index_cuts(tied, need[split], nbits, group, device)
+        cuts = {row: int(found[j]) for row, j in split_row.items()}
+    masks, stats = {}, {}
+    for name, (t, info) in entries.items():
+        row = rows[info.name]
+        masks[name] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        if ks[row] > 0:
+            _fill_mask(masks[name], t, info, int(prefix[row]), cuts.get(row), 0)
+    for name, row in rows.items():
+        k = int(ks[row])
+        stats[name] = SelectionStats(
+            k=k, num_params=sizes[row], threshold=_bits_value(int(prefix[row])) if k else math.inf,
+            num_tied=int(eq[row]) if k else 0, num_tied_kept=int(need[row]) if k else 0)
+    return masks, stats
 
 
 def iou(masks_a: dict[str, torch.Tensor], masks_b: dict[str, torch.Tensor], entries_infos,
