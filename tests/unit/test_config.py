@@ -62,10 +62,17 @@ def test_model_x_pmp_combinations(tmp_path, model, pmp):
 
 def test_reference_recipe_values():
     cfg = load_config(REFERENCE)
-    assert (cfg.pmp.mode, cfg.pmp.rho, cfg.pmp.complement, cfg.pmp.projection) == ("pmp", 0.5, "decay", True)
-    assert (cfg.pmp.projection_radius, cfg.pmp.projection_interval) == (2.0, 400)
+    # the reference code's effective defaults (its command line overrides its dataclass): rho 0.9
+    assert (cfg.pmp.mode, cfg.pmp.rho, cfg.pmp.complement, cfg.pmp.projection) == ("pmp", 0.9, "decay", True)
+    assert (cfg.pmp.projection_target, cfg.pmp.projection_radius, cfg.pmp.projection_interval) == (
+        "radius", 2.0, 400)
     d = cfg.pmp.discovery
     assert (d.max_steps, d.iou_threshold, d.patience, d.lr, d.clip_grad) == (500, 0.99, 5, 2e-5, 1.0)
+    # Stage I: one micro-batch per step, AdamW betas (0.9, 0.999), one step's |g| ranked globally
+    assert (d.batch, d.adam_beta1, d.adam_beta2, d.warmup_steps) == ("micro", 0.9, 0.999, 0)
+    assert (d.score, d.quota, d.embedding) == ("grad", "global", "masked")
+    half = load_config(ROOT / "configs" / "pmp" / "reference-rho0.5.yaml")
+    assert half.pmp.rho == 0.5 and half.optim == cfg.optim and half.pmp.discovery == d
     o = cfg.optim
     assert (o.lr, o.adam_beta1, o.adam_beta2, o.weight_decay) == (2e-5, 0.9, 0.95, 0.1)
     assert (o.lr_decay_style, o.lr_warmup_steps, o.clip_grad) == ("cosine", 2000, 1.0)
@@ -75,6 +82,24 @@ def test_reference_recipe_values():
     assert (frozen.pmp.complement, frozen.pmp.projection, frozen.pmp.rho) == ("frozen", False, 0.5)
     dense = load_config(ROOT / "configs" / "pmp" / "dense.yaml")
     assert dense.pmp.mode == "dense" and dense.optim == cfg.optim
+    # one mechanism per variant recipe: each differs from reference-rho0.5.yaml in exactly its own fields
+    variants = {"accumulated": {"pmp.discovery.score"}, "ema": {"pmp.discovery.score", "pmp.discovery.ema_beta"},
+                "per-tensor": {"pmp.discovery.quota"}, "embedding-trainable": {"pmp.discovery.embedding"},
+                "stage1-global-batch": {"pmp.discovery.batch"},
+                "frozen": {"pmp.complement", "pmp.projection"},
+                "redraw": {"pmp.complement", "pmp.redraw_interval", "pmp.projection"},
+                "sizefree-projection": {"pmp.projection_target", "pmp.projection_rms"}}
+    base = config_to_dict(half)
+    for name, fields in variants.items():
+        variant = config_to_dict(load_config(ROOT / "configs" / "pmp" / f"{name}.yaml"))
+        changed = {f"{section}.{key}" for section in base for key in base[section]
+                   if base[section][key] != variant[section][key] and not isinstance(base[section][key], dict)}
+        changed |= {f"pmp.discovery.{k}" for k in base["pmp"]["discovery"]
+                    if base["pmp"]["discovery"][k] != variant["pmp"]["discovery"][k]}
+        # ema_beta keeps its default value in ema.yaml; a field set to its default does not show as changed
+        assert changed <= fields and changed, (name, changed)
+    tiny = load_config([ROOT / "configs" / "model" / "tinyllama-1.1b-seq256.yaml", REFERENCE])
+    assert tiny.model.seq_length == 256 and tiny.model.hidden_size == 2048
 
 
 def test_tinyllama_reference_sizes():
@@ -285,9 +310,9 @@ def test_resume_differences_name_model_and_pmp_fields():
     # model.seed None (the default) takes the checkpoint's seed; another int does not match it.
     assert resume_differences(saved, load_config(REFERENCE)) == []
     assert resume_differences(saved, load_config(REFERENCE, ["model.seed=8"])) == [("model.seed", 7, 8)]
-    new = load_config(REFERENCE, ["pmp.rho=0.9", "pmp.discovery.patience=3", "optim.lr=1.0e-4",
+    new = load_config(REFERENCE, ["pmp.rho=0.5", "pmp.discovery.patience=3", "optim.lr=1.0e-4",
                                   "parallel.tensor_model_parallel_size=2", "pmp.discovery.save_interval=7"])
-    assert resume_differences(saved, new) == [("pmp.rho", 0.5, 0.9), ("pmp.discovery.patience", 5, 3)]
+    assert resume_differences(saved, new) == [("pmp.rho", 0.9, 0.5), ("pmp.discovery.patience", 5, 3)]
 
 
 def test_resume_differences_fill_fields_a_checkpoint_predates():
