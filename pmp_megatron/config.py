@@ -280,6 +280,10 @@ class Config:
                "pmp.complement=redraw draws the complement from the secret W0 seed: it needs model.seed "
                f"null (a drawn secret) or model.seed_file, not a public model.seed ({m.seed})")
         _check(pmp.complement != "redraw" or pmp.mode == "pmp", "pmp.complement=redraw needs pmp.mode=pmp")
+        steps = self.train.train_steps
+        _check(pmp.complement != "redraw" or pmp.mode != "pmp" or steps % pmp.redraw_interval == 0,
+               f"pmp.complement=redraw: train.train_steps ({steps}) must be a multiple of pmp.redraw_interval "
+               f"({pmp.redraw_interval}), so the released complement is a fresh draw, not one decayed since")
         _check(pmp.complement != "redraw" or not pmp.projection,
                "pmp.complement=redraw and pmp.projection exclude each other (a redraw matches the trained "
                "entries' magnitudes; a projection would shrink them again)")

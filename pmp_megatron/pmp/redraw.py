@@ -2,12 +2,14 @@
 
 Every ``pmp.redraw_interval`` steps each parameter tensor's complement entries are replaced by
 
-    sign * Q(u),   u ~ U(0, 1),   sign = +-1 with probability 1/2 each,
+    Q(u),   u ~ U(0, 1),
 
-where ``Q`` is the empirical quantile function of ``|w|`` over that tensor's masked-in (trained) entries
-at that moment: ``Q(u) = sorted(|w_trained|)[floor(u * n)]``, the inverse of their empirical CDF. The
-complement's magnitudes then follow the trained entries' distribution, so ``|w|`` alone does not tell
-the two apart. Masked-in entries are not touched.
+where ``Q`` is the empirical quantile function of the SIGNED values ``w`` of that tensor's masked-in
+(trained) entries at that moment: ``Q(u) = sorted(w_trained)[floor(u * n)]``, the inverse of their
+empirical CDF, i.e. a draw with replacement from the trained values. The complement then follows the
+trained entries' distribution, sign included, so neither ``w`` nor ``|w|`` tells the two apart. (A
+magnitude draw with a random sign would not do: trained RMSNorm weights sit near +1, so every negative
+norm weight would name a complement entry.) Masked-in entries are not touched.
 
 The randomness is secret: each draw comes from a CPU ``torch.Generator`` seeded by
 ``sha256("pmp-redraw", secret W0 seed, step, canonical tensor name, the shard's global blocks)``, so a
@@ -41,17 +43,15 @@ def draw_seed(secret: int, step: int, name: str, dim: int, blocks) -> int:
 @torch.no_grad()
 def redraw_(values: torch.Tensor, trained: torch.Tensor, complement: torch.Tensor,
             generator: torch.Generator) -> int:
-    """Overwrite ``values[complement]`` in place with ``sign * Q(u)`` (module docstring), ``Q`` from
-    ``|values[trained]|``; ``generator`` is a CPU generator. Returns the number of entries redrawn (0,
-    and nothing changed, when ``trained`` or ``complement`` is empty)."""
+    """Overwrite ``values[complement]`` in place with ``Q(u)`` (module docstring), ``Q`` from the signed
+    ``values[trained]``; ``generator`` is a CPU generator. Returns the number of entries redrawn (0, and
+    nothing changed, when ``trained`` or ``complement`` is empty)."""
     num = int(complement.sum())
-    pool = values[trained].abs().sort().values  # [n] ascending: the empirical quantile function
+    pool = values[trained].sort().values  # [n] ascending: the empirical quantile function
     n = pool.numel()
     if num == 0 or n == 0:
         return 0
     u = torch.rand(num, generator=generator, dtype=torch.float64)  # 53 bits: every index reachable
-    negative = torch.rand(num, generator=generator) < 0.5
     index = (u * n).long().clamp_(max=n - 1).to(pool.device)
-    magnitude = pool[index]
-    values.masked_scatter_(complement, torch.where(negative.to(pool.device), -magnitude, magnitude))
+    values.masked_scatter_(complement, pool[index])
     return num

@@ -27,7 +27,7 @@ def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- the draw on plain tensors
 
-def test_redraw_keeps_trained_entries_and_matches_their_magnitudes():
+def test_redraw_keeps_trained_entries_and_matches_their_signed_values():
     gen = torch.Generator().manual_seed(0)
     trained = torch.rand(300, 200, generator=gen) < 0.5
     # trained entries heavy-tailed, the complement tiny (like a projected W0): easy to tell apart before
@@ -40,9 +40,18 @@ def test_redraw_keeps_trained_entries_and_matches_their_magnitudes():
     assert torch.equal(values[trained], original[trained])  # bit for bit
     comp = values[~trained]
     # n ~ 30,000 per side: the KS distance of two samples of one law stays below 0.016 with p 0.999
+    assert _ks(comp, values[trained]) < 0.03  # signed values: the sign carries no signal either
     assert _ks(comp.abs(), values[trained].abs()) < 0.03
-    assert abs((comp > 0).double().mean().item() - 0.5) < 0.02  # random signs
-    assert torch.isin(comp.abs(), values[trained].abs()).all()  # Q is the empirical quantile function
+    assert torch.isin(comp, values[trained]).all()  # Q is the empirical quantile function
+
+
+def test_redraw_keeps_the_sign_of_one_signed_tensor():
+    """Trained norm weights sit near +1: a random sign would make every negative entry a complement entry."""
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.rand(4096, generator=gen) < 0.5
+    values = torch.where(trained, 1.0 + 0.05 * torch.randn(4096, generator=gen), torch.zeros(4096))
+    redraw.redraw_(values, trained, ~trained, torch.Generator().manual_seed(3))
+    assert (values > 0).all()
 
 
 def test_redraw_is_a_function_of_its_generator():
@@ -182,7 +191,7 @@ def test_redrawn_magnitudes_follow_the_trained_entries(redrawn):
             if min(int(comp.sum()), int(trained.sum())) < 4000:
                 continue  # too few for a tight KS bound
             # >= 4,000 per side: one law gives a KS distance below 0.043 with p 0.999
-            assert _ks(weights[name][comp].abs(), weights[name][trained].abs()) < 0.05, (step, name)
+            assert _ks(weights[name][comp], weights[name][trained]) < 0.05, (step, name)
             checked += 1
     assert checked >= 4
 

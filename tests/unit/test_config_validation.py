@@ -176,3 +176,23 @@ def test_allow_changes_accepts_known_fields():
     names = ["pmp.projection_interval", "pmp.complement", "model.recompute_granularity"]
     cfg = load_config(DEBUG, BASE + [f"checkpoint.allow_changes=[{','.join(names)}]"])
     assert cfg.checkpoint.allow_changes == names
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["pmp.complement=redraw", "model.seed=7"], r"pmp\.complement=redraw .*model\.seed"),
+    (["pmp.complement=redraw", "pmp.projection=true"], r"pmp\.complement=redraw and pmp\.projection"),
+    (["pmp.complement=redraw", "train.train_steps=10", "pmp.redraw_interval=4"], r"pmp\.redraw_interval"),
+    (["pmp.redraw_interval=0"], r"pmp\.redraw_interval"),
+    (["pmp.projection_rms=0"], r"pmp\.projection_rms"),
+    (["pmp.projection_shrink=-1"], r"pmp\.projection_shrink"),
+    (["pmp.discovery.adam_beta2=1.0"], r"pmp\.discovery\.adam_beta2"),
+    (["pmp.discovery.ema_beta=1.0"], r"pmp\.discovery\.ema_beta"),
+    (["pmp.discovery.warmup_steps=-1"], r"pmp\.discovery\.warmup_steps"),
+    (["pmp.discovery.embedding=trainable", "pmp.rho=1.0"], r"pmp\.discovery\.embedding=trainable"),
+    (["pmp.discovery.score=sum"], r"pmp\.discovery\.score"),
+])
+def test_recipe_options_that_cannot_combine_fail_before_compute(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        load_config(DEBUG, BASE + overrides)
+    # the same options in a valid combination load
+    assert load_config(DEBUG, BASE + ["pmp.complement=redraw", "train.train_steps=8", "pmp.redraw_interval=4"])
