@@ -9,6 +9,10 @@ offsets, replica id and -- for SwiGLU ``linear_fc1``, whose TP shard is ``[gate_
 ShardedTensorFactory, only with the key prefixed and the data swapped for the mask. dist_checkpointing
 therefore reshards masks on load exactly as it reshards weights (a mask kept as a plain buffer would be
 resharded wrongly at a TP change, or dropped by VocabParallelEmbedding).
+
+Stage I's running score (``param.pmp_score``: fp32, the parameter's local shape; only with
+``pmp.discovery.score`` accumulated / ema) rides along the same way, under ``pmp_score.`` keys, whenever
+the parameters carry one -- on load too: give the fresh parameters zero scores first to load into.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pmp_megatron import mcore
 from pmp_megatron.model.params import shard_infos
 
 MASK_PREFIX = "pmp_mask."
+SCORE_PREFIX = "pmp_score."
 
 
 def attach(chunks, vocab_size: int, masks: dict[str, torch.Tensor]) -> None:
@@ -46,7 +51,8 @@ def sharded_state_dict(chunks, empty: bool = False) -> dict:
     """Sharded state of the masks, mirroring each weight's own sharded state (see module docstring).
 
     ``empty=True`` gives fresh tensors to load into (then call ``attach_loaded``); otherwise the data are
-    the parameters' current masks. Keys are the weights' checkpoint keys with ``pmp_mask.`` in front.
+    the parameters' current masks. Keys are the weights' checkpoint keys with ``pmp_mask.`` in front; a
+    parameter's ``pmp_score`` (when it has one) is mirrored likewise under ``pmp_score.``.
     """
     out = {}
     for i, chunk in enumerate(chunks):
@@ -62,14 +68,23 @@ def sharded_state_dict(chunks, empty: bool = False) -> dict:
                 mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
             else:
                 mask = param.pmp_mask
-            # ShardedTensor and ShardedTensorFactory (SwiGLU fc1) alike: same placement, other key/data.
-            fields = dict(key=MASK_PREFIX + sh.key, data=mask)
-            if hasattr(sh, "dtype"):
-                fields["dtype"] = torch.bool
-            mirrored = dataclasses.replace(sh, **fields)
-            out[f"chunk{i}.{key}"] = mirrored
-            mirrored.pmp_param = param
+            out[f"chunk{i}.{key}"] = _mirror(sh, MASK_PREFIX, mask, param, "pmp_mask")
+            score = getattr(param, "pmp_score", None)
+            if score is not None:
+                data = torch.zeros_like(score) if empty else score
+                out[f"chunk{i}.score.{key}"] = _mirror(sh, SCORE_PREFIX, data, param, "pmp_score")
     return out
+
+
+def _mirror(sh, prefix: str, data: torch.Tensor, param, attr: str):
+    """``sh`` with the key prefixed and ``data`` in place of the weight. ShardedTensor and
+    ShardedTensorFactory (SwiGLU fc1) alike: same placement, other key/data."""
+    fields = dict(key=prefix + sh.key, data=data)
+    if hasattr(sh, "dtype"):
+        fields["dtype"] = data.dtype
+    mirrored = dataclasses.replace(sh, **fields)
+    mirrored.pmp_param, mirrored.pmp_attr = param, attr
+    return mirrored
 
 
 def attach_loaded(loaded: dict, template: dict) -> None:
@@ -77,7 +92,11 @@ def attach_loaded(loaded: dict, template: dict) -> None:
     onto their parameters."""
     for key, sh in template.items():
         value = loaded[key]
-        sh.pmp_param.pmp_mask = value.to(torch.bool) if isinstance(value, torch.Tensor) else value.data.bool()
+        value = value if isinstance(value, torch.Tensor) else value.data
+        if sh.pmp_attr == "pmp_mask":
+            sh.pmp_param.pmp_mask = value.to(torch.bool)
+        else:
+            sh.pmp_param.pmp_score = value.to(torch.float32)
 
 
 def density(chunks, vocab_size: int) -> float:
