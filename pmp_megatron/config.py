@@ -126,8 +126,8 @@ class PMPConfig:
     # the start of Stage II (a shrink factor of W0's complement, size-free)
     projection_target: Literal["radius", "rms", "shrink"] = "radius"
     projection_radius: float = 2.0  # projection radius R (projection_target: radius)
-    projection_rms: float = 1e-4  # per-entry RMS of the complement after a projection (projection_target: rms)
-    projection_shrink: float = 0.01  # radius as a fraction of W0's complement norm (projection_target: shrink)
+    projection_rms: float = 1e-4  # per-entry complement RMS after a projection (projection_target: rms)
+    projection_shrink: float = 0.01  # radius / W0's complement norm (projection_target: shrink)
     projection_interval: int = 400  # projection period tau, in steps
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # mask discovery phase
 
@@ -265,7 +265,7 @@ class Config:
 
     def _validate_pmp(self) -> None:
         """PMP options that cannot combine, before any compute."""
-        pmp, d, m = self.pmp, self.pmp.discovery, self.model
+        pmp, d = self.pmp, self.pmp.discovery
         for name in ("pmp.projection_radius", "pmp.projection_rms", "pmp.projection_shrink"):
             _check(_get(self, name) > 0, f"{name} must be > 0, got {_get(self, name)}")
         _check(0.0 < d.iou_threshold <= 1.0,
@@ -276,14 +276,16 @@ class Config:
         for name in ("pmp.discovery.adam_beta1", "pmp.discovery.adam_beta2", "pmp.discovery.ema_beta"):
             value = _get(self, name)
             _check(value is None or 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
-        _check(pmp.complement != "redraw" or m.seed is None,
-               "pmp.complement=redraw draws the complement from the secret W0 seed: it needs model.seed "
-               f"null (a drawn secret) or model.seed_file, not a public model.seed ({m.seed})")
         _check(pmp.complement != "redraw" or pmp.mode == "pmp", "pmp.complement=redraw needs pmp.mode=pmp")
         steps = self.train.train_steps
         _check(pmp.complement != "redraw" or pmp.mode != "pmp" or steps % pmp.redraw_interval == 0,
-               f"pmp.complement=redraw: train.train_steps ({steps}) must be a multiple of pmp.redraw_interval "
-               f"({pmp.redraw_interval}), so the released complement is a fresh draw, not one decayed since")
+               f"pmp.complement=redraw: train.train_steps ({steps}) must be a multiple of "
+               f"pmp.redraw_interval ({pmp.redraw_interval}), so the released complement is a fresh draw")
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        _check(pmp.mode != "pmp" or d.batch != "micro" or vpp is None,
+               "pmp.discovery.batch=micro trains Stage I on one micro-batch per step, and the interleaved "
+               "schedule of parallel.virtual_pipeline_model_parallel_size needs at least one per pipeline "
+               "stage: use pmp.discovery.batch=global or drop the virtual pipeline")
         _check(pmp.complement != "redraw" or not pmp.projection,
                "pmp.complement=redraw and pmp.projection exclude each other (a redraw matches the trained "
                "entries' magnitudes; a projection would shrink them again)")

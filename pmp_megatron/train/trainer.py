@@ -121,6 +121,10 @@ class Trainer:
         if self._start is not None:
             resume.check_compatible(self.cfg, self._start)
         self.seed_secret = resume.resolve_seed(self.cfg, self._start)
+        if self.cfg.pmp.mode == "pmp" and self.cfg.pmp.complement == "redraw" and not self.seed_secret:
+            # here, not in Config.validate: a run's resolved config holds its secret seed as model.seed too
+            raise ValueError("pmp.complement=redraw draws the complement from the secret W0 seed: it needs "
+                             "model.seed null (a drawn secret) or model.seed_file, not a public model.seed")
         self._resolved = True
 
     def _build_data(self) -> None:

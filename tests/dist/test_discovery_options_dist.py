@@ -326,13 +326,20 @@ def _warmup_and_betas():
         return optimizer
 
     discovery.build_optimizer = spy
+    from pmp_megatron.testing import capture_log_messages
+
+    lines = capture_log_messages()
     result = discovery.discover(cfg, lambda s: _batches(cfg, s))
-    return seen, [r["lr"] for r in result.history]
+    stage1 = [line for line in lines if line.startswith("stage I step")]
+    return seen, [r["lr"] for r in result.history], stage1, sorted(result.history[-1])
 
 
 @pytest.mark.dist
 def test_warmup_and_betas_reach_the_optimizer():
-    seen, logged = spawn(_warmup_and_betas, 1)[0]
+    seen, logged, lines, fields = spawn(_warmup_and_betas, 1)[0]
     assert seen["betas"] == {(0.8, 0.999)}
+    # the key's structure is in the owner-side record, never in a log line (logs travel)
+    assert "embedding_row_coverage" in fields and any(f.startswith("density_") for f in fields)
+    assert len(lines) == 3 and not any("density" in line or "embedding" in line for line in lines), lines
     assert seen["lr"] == [{2.5e-4}, {5e-4}, {7.5e-4}]
     assert logged == [2.5e-4, 5e-4, 7.5e-4]

@@ -241,3 +241,35 @@ def test_size_free_projection_targets(target):
     assert stats["projected_norm"] == pytest.approx(expected, rel=1e-6)
     assert _complement_norm(run, run["after"][-1]) == pytest.approx(expected, rel=1e-6)
     assert any(f"projection radius R = {run['radius']:.6g}" in line for line in run["lines"])
+
+
+def _trainer_setup(seed_override):
+    """A redraw run's Trainer set up (no step taken): the error it raises, if any."""
+    from pmp_megatron.testing import debug_config
+    from pmp_megatron.train.trainer import Trainer
+
+    cfg = debug_config(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=redraw", "pmp.redraw_interval=2",
+                        "train.train_steps=4",
+                        "train.eval_interval=0", *seed_override], 1)
+    try:
+        Trainer(cfg, batches=lambda split, consumed: iter(())).setup()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_trainer_refuses_redraw_with_a_public_seed_before_any_step(tmp_path):
+    """The check sits at the Trainer's start, not in Config.validate: a run's resolved config (in its
+    checkpoint) holds the secret seed as model.seed, and its release must still load it. The message never
+    shows a seed."""
+    refused = spawn(_trainer_setup, 1, ["model.seed=123457"])[0]
+    assert refused is not None and "secret W0 seed" in refused and "123457" not in refused
+    seed_file = tmp_path / "seed"
+    seed_file.write_text("98765432123456789\n")
+    seed_file.chmod(0o600)
+    assert spawn(_trainer_setup, 1, ["model.seed=null", f"model.seed_file={seed_file}"])[0] is None
+    from pmp_megatron.testing import debug_config
+
+    resolved = debug_config(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=redraw",
+                             "model.seed=98765432123456789"], 1)
+    assert resolved.pmp.complement == "redraw"  # what a checkpoint of a secret-seed redraw run holds: loads

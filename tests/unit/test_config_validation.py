@@ -179,7 +179,6 @@ def test_allow_changes_accepts_known_fields():
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (["pmp.complement=redraw", "model.seed=7"], r"pmp\.complement=redraw .*model\.seed"),
     (["pmp.complement=redraw", "pmp.projection=true"], r"pmp\.complement=redraw and pmp\.projection"),
     (["pmp.complement=redraw", "train.train_steps=10", "pmp.redraw_interval=4"], r"pmp\.redraw_interval"),
     (["pmp.redraw_interval=0"], r"pmp\.redraw_interval"),
@@ -190,6 +189,8 @@ def test_allow_changes_accepts_known_fields():
     (["pmp.discovery.warmup_steps=-1"], r"pmp\.discovery\.warmup_steps"),
     (["pmp.discovery.embedding=trainable", "pmp.rho=1.0"], r"pmp\.discovery\.embedding=trainable"),
     (["pmp.discovery.score=sum"], r"pmp\.discovery\.score"),
+    (["pmp.discovery.batch=micro", "parallel.pipeline_model_parallel_size=2",
+      "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4"], r"pmp\.discovery\.batch=micro"),
 ])
 def test_recipe_options_that_cannot_combine_fail_before_compute(overrides, named):
     with pytest.raises(ValueError, match=named):
