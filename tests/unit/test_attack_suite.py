@@ -497,7 +497,7 @@ def test_ablation_attackers_train_exactly_their_entries(tmp_path, attacker):
     released = read_weights(release)[0]
     emb = runner.INPUT_EMBEDDING
     for name, before in released.items():
-        after, moved = seen[name], seen[name] != before
+        moved = seen[name] != before
         if attacker == "unauthorized_frozen_embedding":
             assert moved.any() == (name != emb), name
         else:

@@ -83,7 +83,8 @@ def test_reference_recipe_values():
     dense = load_config(ROOT / "configs" / "pmp" / "dense.yaml")
     assert dense.pmp.mode == "dense" and dense.optim == cfg.optim
     # one mechanism per variant recipe: each differs from reference-rho0.5.yaml in exactly its own fields
-    variants = {"accumulated": {"pmp.discovery.score"}, "ema": {"pmp.discovery.score", "pmp.discovery.ema_beta"},
+    variants = {"accumulated": {"pmp.discovery.score"},
+                "ema": {"pmp.discovery.score", "pmp.discovery.ema_beta"},
                 "per-tensor": {"pmp.discovery.quota"}, "embedding-trainable": {"pmp.discovery.embedding"},
                 "stage1-global-batch": {"pmp.discovery.batch"},
                 "frozen": {"pmp.complement", "pmp.projection"},
@@ -93,7 +94,8 @@ def test_reference_recipe_values():
     for name, fields in variants.items():
         variant = config_to_dict(load_config(ROOT / "configs" / "pmp" / f"{name}.yaml"))
         changed = {f"{section}.{key}" for section in base for key in base[section]
-                   if base[section][key] != variant[section][key] and not isinstance(base[section][key], dict)}
+                   if base[section][key] != variant[section][key]
+                   and not isinstance(base[section][key], dict)}
         changed |= {f"pmp.discovery.{k}" for k in base["pmp"]["discovery"]
                     if base["pmp"]["discovery"][k] != variant["pmp"]["discovery"][k]}
         # ema_beta keeps its default value in ema.yaml; a field set to its default does not show as changed

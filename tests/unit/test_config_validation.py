@@ -190,10 +190,12 @@ def test_allow_changes_accepts_known_fields():
     (["pmp.discovery.embedding=trainable", "pmp.rho=1.0"], r"pmp\.discovery\.embedding=trainable"),
     (["pmp.discovery.score=sum"], r"pmp\.discovery\.score"),
     (["pmp.discovery.batch=micro", "parallel.pipeline_model_parallel_size=2",
-      "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4"], r"pmp\.discovery\.batch=micro"),
+      "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4"],
+     r"pmp\.discovery\.batch=micro"),
 ])
 def test_recipe_options_that_cannot_combine_fail_before_compute(overrides, named):
     with pytest.raises(ValueError, match=named):
         load_config(DEBUG, BASE + overrides)
     # the same options in a valid combination load
-    assert load_config(DEBUG, BASE + ["pmp.complement=redraw", "train.train_steps=8", "pmp.redraw_interval=4"])
+    assert load_config(DEBUG, BASE + ["pmp.complement=redraw", "train.train_steps=8",
+                                      "pmp.redraw_interval=4"])
