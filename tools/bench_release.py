@@ -39,7 +39,9 @@ def make_checkpoint(root: str) -> None:
     from pmp_megatron.model.gpt import build_model
     from pmp_megatron.train import checkpoint
 
-    cfg = load_config(RECIPE, ["pmp.mode=dense", "model.seed=0"], world_size=1)  # public: a benchmark
+    # public seed (a benchmark); fp32 on the local spec: the GPU recipe's sizes, built on CPU
+    cfg = load_config(RECIPE, ["pmp.mode=dense", "model.seed=0", "model.params_dtype=float32",
+                               "model.transformer_impl=local"], world_size=1)
     mcore.setup_parallel(rng_seed=cfg.train.seed)
     t0 = time.perf_counter()
     chunks = build_model(cfg)

@@ -23,8 +23,10 @@ LAYOUTS = {
     # tied embeddings: the output layer is a copy on the last stage, the release has no lm_head
     "pp2_tied": (["parallel.pipeline_model_parallel_size=2", "model.untie_embeddings=false"], 2),
 }
+# the GPU config's sizes on CPU: fp32 on the local spec (it defaults to bf16 on Transformer Engine)
 TINYLLAMA = (str(REPO / "configs" / "model" / "tinyllama-1.1b.yaml"),
-             ["model.num_layers=2", "pmp.mode=dense", "model.seq_length=32"])
+             ["model.num_layers=2", "pmp.mode=dense", "model.seq_length=32", "model.params_dtype=float32",
+              "model.transformer_impl=local"])
 
 
 def _pipeline_logits(chunks, batches, cfg):
