@@ -100,12 +100,12 @@ def _bf16_distopt_frozen():
     from pmp_megatron.train.optimizer import build_optimizer
     from pmp_megatron.train.step import wrap_ddp
 
-    cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen",
-                                    "model.params_dtype=bfloat16", "parallel.use_distributed_optimizer=true"],
-                                   1)
-    model = wrap_ddp(chunks, cfg)
-    attach_random_masks(chunks, cfg, density=0.5)
-    try:
+    try:  # Config.validate refuses it, before any compute; MaskedUpdate would too
+        cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen",
+                                        "model.params_dtype=bfloat16",
+                                        "parallel.use_distributed_optimizer=true"], 1)
+        model = wrap_ddp(chunks, cfg)
+        attach_random_masks(chunks, cfg, density=0.5)
         MaskedUpdate(model, build_optimizer(model, cfg), cfg)
     except ValueError as e:
         return str(e)

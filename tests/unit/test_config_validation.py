@@ -199,3 +199,19 @@ def test_recipe_options_that_cannot_combine_fail_before_compute(overrides, named
     # the same options in a valid combination load
     assert load_config(DEBUG, BASE + ["pmp.complement=redraw", "train.train_steps=8",
                                       "pmp.redraw_interval=4"])
+
+
+@pytest.mark.parametrize("policy", [
+    ["pmp.complement=frozen"], ["pmp.complement=redraw", "train.train_steps=8", "pmp.redraw_interval=4"],
+    ["pmp.projection=true"], ["pmp.complement=frozen", "pmp.projection=true"]])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_complement_edits_with_half_params_and_the_distributed_optimizer_fail_before_compute(policy, dtype):
+    """MaskedUpdate cannot edit the distributed optimizer's sharded fp32 copies yet: the combination is
+    refused by Config.validate, naming the fields, before Stage I runs; each field changed alone loads."""
+    half, distopt = f"model.params_dtype={dtype}", "parallel.use_distributed_optimizer=true"
+    with pytest.raises(ValueError, match=r"model\.params_dtype.*parallel\.use_distributed_optimizer=false"):
+        load_config(DEBUG, BASE + policy + [half, distopt])
+    dense = [] if "redraw" in policy[0] else [[half, distopt, "pmp.mode=dense"]]  # redraw needs pmp mode
+    for ok in [[half], [distopt], *dense]:
+        assert load_config(DEBUG, BASE + policy + ok)
+    assert load_config(DEBUG, BASE + [half, distopt])  # decay without projection edits no weight
