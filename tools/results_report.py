@@ -1,26 +1,40 @@
-"""Report of the committed CPU experiment (``tools/run_results_experiment.py``): tables, plots, summary.
+"""Report of the recipes experiment (``tools/run_results_experiment.py``, v2): verdicts, tables, plots.
 
-Writes into OUT: ``report.md``, ``summary.json``, ``results.jsonl`` (the attack cells of this
-experiment), ``pretraining.png``, ``gain_ratio_vs_rho.png``, ``recovery_iou.png`` and one attack report
-per PMP run under ``attacks/<run>/`` (tables and loss curves against the dense baseline). Text and PNG
-only: no weights and no masks.
+Writes into OUT: ``report.md`` (the verdict per recipe first), ``summary.json``, ``results.jsonl`` (the
+attack cells of this experiment), ``pretraining.png`` and one attack report per PMP run under
+``attacks/<run>/`` (the suite's decision rule applied to that release, its intervals and curves). Text and
+PNG only: no weights, no masks. The rules that read "best" are those of docs/results/v2-preregistration.md.
 
-Definitions are those of ``pmp_megatron.attack.report`` (best attack = largest task-loss gain over the
-grid; keyless = unauthorized + the recovery attackers). The base loss ratio is the PMP / dense validation
-loss at the end of pretraining (the pretraining blend, held-out split).
+Every statistic comes from ``pmp_megatron.attack.stats`` / ``attack.report`` (scores are accuracies; the
+best attack is each model's best adversary by mean score, the defender's worst case).
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 from pathlib import Path
 
 from pmp_megatron.attack import report as attack_report
+from pmp_megatron.attack import stats
 from pmp_megatron.attack.execute import read_results
-from pmp_megatron.attack.report import best_record, markdown_table
+from pmp_megatron.attack.report import format_value, markdown_table
+from pmp_megatron.attack.suite import load_suite
 
-RECOVERY = ("recovery_global", "recovery_per_tensor", "recovery_init")
+REPO = Path(__file__).resolve().parents[1]
+BLIND = ("recovery_global", "recovery_per_tensor", "recovery_seed_guess", "recovery_gradient",
+         "recovery_stage1")  # the recovery attackers that do not know the W0 seed
+DECIDING = ("final_vs_dense", "final_vs_scratch", "key_advantage")
+REFERENCE_ONLY = ("gain_vs_dense_matched", "trainability", "budget_to_threshold")
+CUTS = [
+    "one pretraining seed per recipe (base quality has no interval);",
+    "the ~4M-parameter model, 400 Stage-II steps of 16 x 128 tokens at lr 3e-3 (the reference: "
+    "TinyLlama-1.1B, 20k steps of 32 x 256 tokens at 2e-5);",
+    "dense-matched only for the reference-faithful run;",
+    "three keyless adversaries (AdamW 3e-4 / 1e-3, LoRA r16 1e-3) of 80 steps; no Lion, SGD, Adafactor, "
+    "schedules or longer budgets;",
+    "the owner's key and the ablations with the two AdamW adversaries only.",
+]
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -41,230 +55,213 @@ def read_metrics(run_dir: Path) -> dict:
             "discovery": [discovery[s] for s in sorted(discovery)]}
 
 
-def run_seconds(log: Path) -> float | None:
-    """Wall time of one pretraining run from its log's first and last trainer timestamps (resumes and
-    reruns included, since the log is appended to)."""
-    stamps = [int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
-              for m in re.finditer(r"^(\d\d):(\d\d):(\d\d) \[rank", log.read_text(errors="replace"), re.M)]
-    if len(stamps) < 2:
-        return None
-    return (stamps[-1] - stamps[0]) % 86400
+def _interval(i: dict | None) -> str:
+    if i is None:
+        return "n/a"
+    low = "-inf" if i["low"] is None else f"{i['low']:+.3f}"
+    high = "+inf" if i["high"] is None else f"{i['high']:+.3f}"
+    est = "nan" if i["estimate"] is None else f"{i['estimate']:+.3f}"
+    return f"{est} [{low}, {high}]"
 
 
-def _smooth(points: list[tuple[int, float]], window: int = 10) -> tuple[list[int], list[float]]:
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    out = []
-    for i in range(len(ys)):
-        chunk = ys[max(0, i - window + 1):i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return xs, out
+def _best_scores(records: list[dict], attacker: str) -> dict[str, tuple[str, list[float]]]:
+    """task -> (best adversary, per-seed scores) of one attacker on one model (the best by mean score)."""
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        mine = [r for r in records if r["task"] == task and r["attacker"] == attacker]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in records if r["task"] == task})
+        per_adv: dict[str, dict[int, float]] = {}
+        for r in mine:
+            value = r["score_before"] if r.get("score_after") is None else r["score_after"]
+            per_adv.setdefault(r["adversary"], {})[r["seed"]] = value
+        complete = {a: [v[s] for s in seeds] for a, v in per_adv.items() if sorted(v) == seeds}
+        if complete:
+            best = stats.best_attack(complete, True)
+            out[task] = (best.adversary, list(best.scores))
+    return out
 
 
-def _plots(out: Path, metrics: dict, headline: dict, runs: dict, audits: dict) -> list[str]:
+def ablations(records: list[dict], model_id: str) -> dict:
+    """On one release: per task, paired difference intervals of the best scores of
+    ``unauthorized_frozen_embedding - unauthorized`` and ``authorized_plus_embedding - authorized``."""
+    mine = [r for r in records if r["role"] == "pmp" and r["model_id"] == model_id]
+    best = {a: _best_scores(mine, a) for a in ("unauthorized", "unauthorized_frozen_embedding", "authorized",
+                                               "authorized_plus_embedding")}
+    out = {}
+    for task in best["unauthorized"]:
+        entry = {}
+        pairs = {"frozen_embedding_minus_keyless": ("unauthorized_frozen_embedding", "unauthorized"),
+                 "key_plus_embedding_minus_key": ("authorized_plus_embedding", "authorized")}
+        for name, (a, b) in pairs.items():
+            if task in best[a] and task in best[b]:
+                entry[name] = stats.difference_interval(best[a][task][1], best[b][task][1]).to_dict()
+                entry[name]["adversaries"] = [best[a][task][0], best[b][task][0]]
+        out[task] = entry
+    return out
+
+
+def key_privacy(audit: dict) -> dict:
+    """IoU of every recovery attacker, chance, and the largest excess over chance among the attackers that
+    do not know the seed; ``recovery_init`` (the true seed) apart, as the leaked-seed worst case."""
+    iou = {a: v["iou"]["overall"] for a, v in audit["attackers"].items()}
+    blind = {a: iou[a] for a in BLIND if a in iou}
+    worst = max(blind, key=blind.get) if blind else None
+    return {"chance": audit["chance_iou"], "iou": iou, "max_excess": None if worst is None else
+            blind[worst] - audit["chance_iou"], "max_excess_attacker": worst,
+            "leaked_seed_iou": iou.get("recovery_init")}
+
+
+def stage1(metrics: dict) -> dict:
+    d = metrics["discovery"]
+    if not d:
+        return {}
+    last = d[-1]
+    return {"steps": len(d), "last_iou": last.get("iou"),
+            "embedding_row_coverage": last.get("embedding_row_coverage")}
+
+
+def best_recipes(runs: dict) -> dict:
+    """The pre-registered readings of "best" (docs/results/v2-preregistration.md)."""
+    names = list(runs)
+    base = min(names, key=lambda n: runs[n]["base_loss_ratio"])
+
+    def resistance(n):
+        est = [t["statistics"].get("final_vs_dense", {}).get("estimate") for t in runs[n]["tasks"].values()]
+        est = [e for e in est if e is not None]
+        return sum(est) / len(est) if est else math.inf
+
+    res = min(names, key=resistance)
+    ties = []
+    for other in names:
+        if other == res:
+            continue
+        overlap = True
+        for task, t in runs[res]["tasks"].items():
+            a = t["statistics"].get("final_vs_dense")
+            b = runs[other]["tasks"].get(task, {}).get("statistics", {}).get("final_vs_dense")
+            if a is None or b is None or None in (a["low"], a["high"], b["low"], b["high"]):
+                continue
+            if a["high"] < b["low"] or b["high"] < a["low"]:
+                overlap = False
+        if overlap:
+            ties.append(other)
+    privacy = [n for n in names if runs[n]["key_privacy"].get("max_excess") is not None]
+    key = min(privacy, key=lambda n: runs[n]["key_privacy"]["max_excess"]) if privacy else None
+    return {"base_quality": base, "resistance": res, "resistance_not_distinguishable_from": ties,
+            "resistance_mean_final_vs_dense": {n: resistance(n) for n in names}, "key_privacy": key}
+
+
+def _plot_pretraining(out: Path, metrics: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for name, m in metrics.items():
-        line, = ax1.plot(*_smooth(m["train"]), label=name, lw=1)
-        ax2.plot(*zip(*m["valid"], strict=True), "o-", color=line.get_color(), label=name, ms=3)
-    ax1.set(xlabel="step", ylabel="train loss (10-step mean)", title="Stage II / dense pretraining")
-    ax2.set(xlabel="step", ylabel="valid loss", title="held-out split of the pretraining blend")
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
+        ax.plot(*zip(*m["valid"], strict=True), "o-", label=name, ms=3)
+    ax.set(xlabel="step", ylabel="valid loss", title="held-out split of the pretraining blend")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pretraining.png", dpi=110)
     plt.close(fig)
-    names.append("pretraining.png")
-
-    tasks = list(dict.fromkeys(t for h in headline.values() for t in h["gain_ratio"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes.flat, tasks, strict=True):
-        decay = sorted((runs[n][0]["rho"], h) for n, h in headline.items()
-                       if runs[n][0]["complement"] == "decay")
-        for key, style, label in (("gain_ratio", "o-", "keyless (best of unauthorized, recovery)"),
-                                  ("authorized_gain_ratio", "s--", "authorized (owner's mask)")):
-            pts = [(rho, h[key].get(task)) for rho, h in decay if h[key].get(task) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=f"decay+projection: {label}")
-            frozen = [(runs[n][0]["rho"], h[key].get(task)) for n, h in headline.items()
-                      if runs[n][0]["complement"] == "frozen" and h[key].get(task) is not None]
-            if frozen:
-                ax.plot(*zip(*frozen, strict=True), "x" if key == "gain_ratio" else "+", ms=10, mew=2,
-                        label=f"frozen: {label.split(' (')[0]}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(xlabel="rho (fraction of weights trainable in Stage II)", ylabel="best gain PMP / dense",
-               title=task)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "gain_ratio_vs_rho.png", dpi=110)
-    plt.close(fig)
-    names.append("gain_ratio_vs_rho.png")
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    run_names = list(audits)
-    width = 0.8 / (len(RECOVERY) + 1)
-    for i, attacker in enumerate(RECOVERY):
-        vals = [audits[n]["attackers"].get(attacker, {}).get("iou", {}).get("overall", float("nan"))
-                for n in run_names]
-        ax.bar([j + i * width for j in range(len(run_names))], vals, width, label=attacker)
-    ax.bar([j + len(RECOVERY) * width for j in range(len(run_names))],
-           [audits[n]["chance_iou"] for n in run_names], width, color="lightgrey", label="chance")
-    ax.set_xticks([j + 1.5 * width for j in range(len(run_names))], run_names, fontsize=8)
-    ax.set(ylabel="IoU with the private mask", ylim=(0, 1.22), title="mask recovery from the release alone")
-    ax.legend(fontsize=7, ncol=4, loc="upper center")
-    fig.tight_layout()
-    fig.savefig(out / "recovery_iou.png", dpi=110)
-    plt.close(fig)
-    names.append("recovery_iou.png")
-    return names
+    return "pretraining.png"
 
 
-def write_experiment_report(work: Path, out: Path, runs: dict, reference: str, ids: dict[str, str],
-                            cell_ids: set[str], audits: dict[str, dict], meta: dict) -> dict:
-    from pmp_megatron.attack.suite import load_suite
-
-    suite = load_suite(Path(__file__).resolve().parents[1] / "configs" / meta["scale_settings"]["suite"])
+def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[str, set[str]],
+                            audits: dict[str, dict], meta: dict) -> dict:
+    """Everything in OUT from WORK's runs, results and audits; ``ids``: PMP run -> its cells' ids."""
+    suite = load_suite(REPO / "configs" / suite_path)
     out.mkdir(parents=True, exist_ok=True)
-    id_to_run = {v: k for k, v in ids.items()}
-    records = [r for r in read_results(work / "results.jsonl") if r.get("id") in cell_ids]
-    strangers = {r["model_id"] for r in records} - set(id_to_run)
-    if strangers:
-        raise RuntimeError(f"results of unknown releases {sorted(strangers)} among this suite's cells")
+    all_ids = set().union(*ids.values())
+    records = [r for r in read_results(work / "results.jsonl") if r.get("id") in all_ids]
     if not records:
         raise RuntimeError(f"no attack results for this experiment's releases in {work / 'results.jsonl'}")
     with open(out / "results.jsonl", "w") as f:
-        for r in records:
+        for r in sorted(records, key=lambda r: r["id"]):
             f.write(json.dumps(r, sort_keys=True) + "\n")
-    dense = [r for r in records if r["role"] == "dense"]
-    metrics = {name: read_metrics(work / "runs" / name) for name in runs}
-    final_valid = {name: m["valid"][-1][1] for name, m in metrics.items()}
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-
-    headline, per_run_dirs = {}, {}
-    for name, (pmp, _) in runs.items():
-        if pmp is None:
-            continue
-        mine = [r for r in records if r["role"] == "pmp" and r["model_id"] == ids[name]]
-        summ = attack_report.summarize_model(records, ids[name])
-        best = {t: best_record([r for r in mine if r["task"] == t and r["attacker"] in attack_report.KEYLESS])
-                for t in tasks}
-        auth = {t: best_record([r for r in mine if r["task"] == t and r["attacker"] == "authorized"])
-                for t in tasks}
-        headline[name] = {
-            "model_id": ids[name], "rho": pmp["rho"], "complement": pmp["complement"],
-            "projection": pmp["projection"],
-            "base_loss_ratio": final_valid[name] / final_valid["dense"],
-            "attack_eval_base_loss_ratio": summ["base_loss_ratio"],
-            "gain_ratio": summ["gain_ratio"], "authorized_gain_ratio": summ["authorized_gain_ratio"],
-            "best_keyless_gain": {t: b and b["gain"] for t, b in best.items()},
-            "best_keyless_attack": {t: b and f"{b['attacker']} {b['adversary']}" for t, b in best.items()},
-            "best_authorized_gain": {t: b and b["gain"] for t, b in auth.items()},
-            "task_loss_before": {t: b and b["task_loss_before"] for t, b in best.items()},
-            "best_keyless_loss_after": {t: b and b["task_loss_after"] for t, b in best.items()},
-            "best_authorized_loss_after": {t: b and b["task_loss_after"] for t, b in auth.items()},
-            "recovery_iou": {a: audits[name]["attackers"][a]["iou"]["overall"]
-                             for a in RECOVERY if a in audits[name]["attackers"]},
-            "chance_iou": audits[name]["chance_iou"],
-            "discovery_steps": len(metrics[name]["discovery"]),
-        }
+    run_names = [n for n in ("dense", *ids) if (work / "runs" / n / "metrics.jsonl").is_file()]
+    metrics = {n: read_metrics(work / "runs" / n) for n in run_names}
+    final_valid = {n: m["valid"][-1][1] for n, m in metrics.items()}
+    runs, dirs = {}, {}
+    for name, cell_ids in ids.items():
+        mine = [r for r in records if r["id"] in cell_ids]
         sub = out / "attacks" / name
-        attack_report.write_report(mine + dense, sub, suite)  # the suite's decision rule: a verdict per run
-        per_run_dirs[name] = sub.relative_to(out)
-    dense_best = {t: best_record([r for r in dense if r["task"] == t]) for t in tasks}
-    plots = _plots(out, metrics, headline, runs, audits)
-
-    summary = {"headline": {"reference_run": reference, **headline[reference]}, "runs": headline,
-               "dense": {"valid_loss": final_valid["dense"],
-                         "best_gain": {t: b and b["gain"] for t, b in dense_best.items()},
-                         "best_attack": {t: b and b["adversary"] for t, b in dense_best.items()},
-                         "task_loss_before": {t: b and b["task_loss_before"] for t, b in dense_best.items()},
-                         "best_loss_after": {t: b and b["task_loss_after"] for t, b in dense_best.items()}},
-               "valid_loss": final_valid, "cells": len(records), "meta": meta}
-    summary["run_seconds"] = {name: run_seconds(work / "logs" / f"{name}.log") for name in runs
-                              if (work / "logs" / f"{name}.log").is_file()}
-    summary["cell_seconds"] = sum(r.get("wall_s") or 0.0 for r in records)
+        summary = attack_report.write_report(mine, sub, suite)
+        dirs[name] = str(sub.relative_to(out))
+        model_id = next(r["model_id"] for r in mine if r["role"] == "pmp")
+        runs[name] = {"model_id": model_id, "verdict": summary["verdict"],
+                      "base_loss_ratio": final_valid[name] / final_valid["dense"],
+                      "tasks": summary["decision"]["tasks"], "complete": len(mine) == len(cell_ids),
+                      "key_privacy": key_privacy(audits[name]) if name in audits else {},
+                      "stage1": stage1(metrics[name]), "ablations": ablations(mine, model_id)}
+    summary = {"headline": {n: {"verdict": r["verdict"], "base_loss_ratio": r["base_loss_ratio"]}
+                            for n, r in runs.items()},
+               "best": best_recipes(runs), "runs": runs, "valid_loss": final_valid, "cells": len(records),
+               "cell_seconds": round(sum(r.get("wall_s") or 0.0 for r in records)), "meta": meta,
+               "rule": None if suite.decision is None else {
+                   side: [f"{c.statistic} {c}" for c in getattr(suite.decision, side)]
+                   for side in ("resists", "does_not_resist")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_markdown(summary, metrics, runs, tasks, per_run_dirs, plots, audits))
+    plot = _plot_pretraining(out, metrics)
+    (out / "report.md").write_text(_markdown(summary, dirs, plot))
     return summary
 
 
-def _minutes(seconds: dict) -> str:
-    vals = [v for v in seconds.values() if v]
-    return f"{min(vals) / 60:.0f}-{max(vals) / 60:.0f} min" if vals else "n/a"
-
-
-def _markdown(summary, metrics, runs, tasks, per_run_dirs, plots, audits) -> str:
-    meta, s = summary["meta"], summary["meta"]["scale_settings"]
-    lines = ["# PMP on CPU: a small-scale experiment", "",
-             f"Generated by `{meta['command']}` ({meta['cpus']} CPUs, Python {meta['python']}, "
-             f"torch {meta['torch']}). Pretraining: {_minutes(summary['run_seconds'])} per run (two runs "
-             f"at a time, one thread each); attacks: {summary['cells']} cells of "
-             f"{summary['cell_seconds'] / max(1, summary['cells']):.0f} s each on average (two workers, one "
-             "thread each). Every number below is read from the run's own outputs.", "",
-             "## Setup", "",
-             f"- Model `configs/{s['model_config']}`, vocab {s['vocab']}; every run starts from the same W0 "
-             f"(seed) and sees the same data in the same order: {s['train_steps']} steps x "
-             f"{s['global_batch']} sequences, AdamW lr {s['lr']} (cosine, {s['warmup']} warmup), wd 0.1.",
-             "- Data: the built-in offline corpora (Python's own docstrings/pydoc prose and stdlib code, "
-             "50/50 blend). Attack tasks are disjoint held-out domains (`prose_heldout`: pydoc topics never "
-             "seen in pretraining; `code_test`: the stdlib's test sources).",
-             f"- PMP runs: Stage I at most {s['discovery_steps']} steps (stop at IoU >= 0.99 for 5 steps), "
-             f"rewind to W0, Stage II. `decay+projection`: decoupled weight decay on the complement and a "
-             f"joint L2 projection to R = {s['projection_radius']} every tau = {s['projection_interval']} "
-             "steps (R keeps the reference's per-entry complement scale; see the tool's docstring). "
-             "`frozen`: the complement stays W0 bit for bit.",
-             f"- Attacks: suite `configs/{s['suite']}` against every PMP release, each cell paired with the "
-             "same cell on the dense release. Gain = task eval loss before - after. Headline = best attack "
-             "over the grid (keyless: unauthorized + mask recovery); authorized = fine-tuning only the "
-             "owner's masked-in entries.", ""]
-    lines += ["## Headline", "",
-              "Gains are task-loss drops (before - after the attack); ratios divide by the dense model's "
-              "best gain on the same grid. A model that starts worse has more to gain, so the task losses "
-              "themselves follow: before any attack, and after the best attack of each kind.",
-              ""]
-    rows = []
-    for name, h in summary["runs"].items():
-        for task in tasks:
-            rows.append([name, task, h["base_loss_ratio"], h["best_keyless_gain"].get(task),
-                         summary["dense"]["best_gain"].get(task), h["gain_ratio"].get(task),
-                         h["authorized_gain_ratio"].get(task), h["best_keyless_attack"].get(task)])
-    lines += markdown_table(["run", "task", "base loss PMP/dense", "best keyless gain", "dense best gain",
-                     "gain ratio PMP/dense", "authorized gain / dense gain", "best keyless attack"], rows)
-    rows = []
-    d = summary["dense"]
-    for task in tasks:
-        rows.append(["dense", task, d["task_loss_before"].get(task), d["best_loss_after"].get(task), "-"])
-        for name, h in summary["runs"].items():
-            rows.append([name, task, h["task_loss_before"].get(task), h["best_keyless_loss_after"].get(task),
-                         h["best_authorized_loss_after"].get(task)])
-    lines += markdown_table(["release", "task", "task loss before", "after best keyless attack",
-                     "after best authorized attack"], rows)
-    lines += ["## Pretraining", ""]
-    rows = []
-    for name, m in metrics.items():
-        disc = m["discovery"]
-        rows.append([name, m["valid"][-1][1], m["valid"][-1][1] / summary["valid_loss"]["dense"],
-                     len(disc) or "-", disc[-1].get("iou") if disc else "-"])
-    lines += markdown_table(["run", "final valid loss", "/ dense", "Stage I steps", "last Stage I mask IoU"],
+def _markdown(summary: dict, dirs: dict, plot: str) -> str:
+    runs, best, meta = summary["runs"], summary["best"], summary["meta"]
+    tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
+    lines = ["# Recipes experiment: does PMP resist keyless fine-tuning at this scale?", ""]
+    if not meta.get("complete"):
+        lines += ["**PARTIAL**: the budget ran out before every run and cell finished; rerun the command to "
+                  "continue. Verdicts below use the cells that exist.", ""]
+    lines += ["## Verdicts (pre-registered rule, docs/results/v2-preregistration.md)", ""]
+    rows = [[n, r["verdict"] or "-", format_value(r["base_loss_ratio"], 3)] +
+            [r["tasks"].get(t, {}).get("verdict") or "-" for t in tasks] for n, r in runs.items()]
+    lines += markdown_table(["recipe", "verdict", "base loss / dense", *tasks], rows)
+    lines += ["", "## The intervals that decide (95%, 3 seeds, paired; accuracy points as fractions)", ""]
+    for t in tasks:
+        rows = []
+        for n, r in runs.items():
+            s = r["tasks"].get(t, {}).get("statistics", {})
+            rows.append([n] + [_interval(s.get(k)) for k in DECIDING + REFERENCE_ONLY[:2]])
+        lines += [f"### {t}", ""] + markdown_table(["recipe", *DECIDING, *REFERENCE_ONLY[:2]], rows) + [""]
+        dense = next((r["tasks"][t]["dense_gain"] for r in runs.values()
+                      if r["tasks"].get(t, {}).get("dense_gain")), None)
+        if dense:
+            lines += [f"Dense release's own best gain: {format_value(dense['mean'])} "
+                      f"+- {format_value(dense['sd'])} "
+                      f"(seed sd; {dense['adversary']}).", ""]
+    lines += ["## Best recipe (pre-registered readings)", "",
+              "- Base quality (lowest final valid loss / dense, one pretraining seed): "
+              f"**{best['base_quality']}**.",
+              f"- Resistance (lowest mean final_vs_dense over tasks): **{best['resistance']}**"
+              + (f"; not distinguishable (intervals overlap on every task) from: "
+                 f"{', '.join(best['resistance_not_distinguishable_from'])}"
+                 if best["resistance_not_distinguishable_from"] else "") + ".",
+              f"- Key privacy (lowest recovery IoU above chance, attackers without the seed): "
+              f"**{best['key_privacy']}**.", "", "## Key privacy: mask recovery from the release alone", ""]
+    attackers = sorted({a for r in runs.values() for a in r["key_privacy"].get("iou", {})})
+    rows = [[n, format_value(r["key_privacy"].get("chance"), 3)] +
+            [format_value(r["key_privacy"].get("iou", {}).get(a), 3) for a in attackers] +
+            [format_value(r["key_privacy"].get("max_excess"), 3)] for n, r in runs.items()]
+    lines += markdown_table(["recipe", "chance", *attackers, "max excess (no seed)"], rows)
+    lines += ["", "`recovery_init` is given the true W0 seed: the worst case if the seed leaks.", "",
+              "## Stage I", ""]
+    rows = [[n, r["stage1"].get("steps"), format_value(r["stage1"].get("last_iou"), 3),
+             format_value(r["stage1"].get("embedding_row_coverage"), 3)] for n, r in runs.items()]
+    lines += markdown_table(["recipe", "steps", "last IoU", "input-embedding rows with a trainable entry"],
                             rows)
-    lines += ["## Mask recovery from the release alone", "",
-              "IoU of the recovered mask with the private one (the release audit; `recovery_init` "
-              "regenerates W0 from the seed and marks the entries that moved).", ""]
-    rows = [[name, a["chance_iou"], *(a["attackers"].get(k, {}).get("iou", {}).get("overall")
-                                      for k in RECOVERY)] for name, a in audits.items()]
-    lines += markdown_table(["run", "chance", *RECOVERY], rows)
-    kinds = list(next(iter(audits.values()))["mask_density_by_type"])
-    lines += ["## Where the mask is", "",
-              "Fraction of each tensor type's entries that are masked in (trainable in Stage II), and the "
-              "fraction of vocabulary rows of the input embedding with at least one masked-in entry.", ""]
-    rows = [[name, *(a["mask_density_by_type"].get(k) for k in kinds), a.get("embedding_rows_trainable")]
-            for name, a in audits.items()]
-    lines += markdown_table(["run", *kinds, "embedding rows with a trainable entry"], rows)
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Per-run attack reports", ""]
-    lines += [f"- [{name}]({d}/report.md)" for name, d in per_run_dirs.items()] + [""]
+    lines += ["", "## Mechanism ablations (reference run; paired difference of best scores)", ""]
+    for n, r in runs.items():
+        for t, entry in r["ablations"].items():
+            for name, i in entry.items():
+                lines.append(f"- {n} / {t}: {name} = {_interval(i)}")
+    lines += ["", "## What was cut to fit", "", *[f"- {c}" for c in CUTS], "",
+              f"Cells: {summary['cells']} ({summary['cell_seconds'] / 3600:.1f} cell-hours). "
+              f"This invocation: {meta['this_invocation_s']} (budget {meta['budget_minutes']} min, "
+              f"{meta['cpus']} CPUs, torch {meta['torch']}).", "", f"![pretraining]({plot})", "",
+              "Per-recipe attack reports: " + ", ".join(f"[{n}]({d}/report.md)" for n, d in dirs.items()), ""]
     return "\n".join(lines)

@@ -1,18 +1,22 @@
-"""The committed small-scale PMP experiment (docs/results/), rerunnable with one command on CPU.
+"""The recipes experiment (docs/results, v2): one resumable command on CPU.
 
-    python tools/run_results_experiment.py [--work runs/results] [--out docs/results] [--scale full|smoke]
+    python tools/run_results_experiment.py [--work runs/results-v2] [--out docs/results/v2]
+                                           [--scale full|smoke] [--budget-minutes 150]
 
-Five pretraining runs of the ~4M-parameter model (configs/model/cpu-4m.yaml) from the same W0, data and
-schedule: the dense baseline, PMP with the reference complement policy (decay + projection) at
-rho = 0.1 / 0.5 / 0.9, and PMP with the complement frozen at rho = 0.5. Each is released (HF dir), its
-private mask exported and the release audited (mask recovery from the release alone). Then the
-``results-cpu`` attack suite runs against every PMP release and the dense one: all five attackers on the
-reference rho = 0.5 run, unauthorized + authorized on the others. The report, plots, summary and the
-results JSONL go to ``--out`` (text and PNG only: no weights, no masks); everything heavy stays in
-``--work``. Rerunning resumes: finished pretraining runs, releases and attack cells are skipped.
+Plan, scale cuts and the decision rule: ``docs/results/v2-preregistration.md`` (committed before the first
+run). Six pretraining runs of the ~4M-parameter model from one SECRET W0 (same data, same order): dense and
+five PMP recipes of ``configs/pmp/`` at rho 0.5 (reference-faithful, accumulated Stage-I score, per-tensor
+quota, frozen complement, redrawn complement), plus the dense-matched control of the reference run
+(``pmp-dense-matched``). Each PMP run is released, its key exported (0600, under WORK/private) and the
+release audited by every recovery attacker (adaptive ones included). Then the ``recipes-cpu`` suite attacks
+every release next to the controls (dense, dense-matched, scratch), and the report (verdict per recipe,
+intervals, ablations, key privacy, base quality) goes to ``--out``: text and PNG only, no weights, no masks.
 
-``--scale full`` is the committed experiment (~70-90 minutes on 2 cores). ``--scale smoke`` runs the
-same pipeline on the debug model in about two minutes (used by the tests).
+Resumable: finished pretraining runs, the dense-matched search's attempts, releases, audits and attack
+cells are skipped on a rerun; an interrupted run continues from its last checkpoint. ``--budget-minutes``
+stops starting new work once the wall time of this invocation passes it (the report is then written from
+what exists, marked partial); rerun to continue. ``--scale smoke`` runs the same pipeline on the debug
+model in a few minutes (the e2e test).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,51 +43,57 @@ class Scale:
     vocab: int
     train_steps: int
     global_batch: int
+    micro_batch: int
     lr: float
     warmup: int
     eval_interval: int
     eval_steps: int
-    discovery_steps: int
-    projection_radius: float
+    projection_rms: float
     projection_interval: int
+    redraw_interval: int
     suite: str
+    discovery_max_steps: int | None = None  # None: the recipe's (the reference's 500)
     max_docs: int | None = None
     max_chars: int | None = None
     attack_workers: int = 2
     concurrent_runs: int = 2
+    save_interval: int = 100
+    matched_tolerance: float = 0.01  # dense-matched: |valid loss - target| / target
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
-# R: the reference's R = 2.0 at 1.1B parameters shrinks the complement to a per-entry RMS of
-# 2.0 / sqrt(0.55e9) ~ 8.5e-5 at rho 0.5. We keep that per-entry scale: R = 2.0 * sqrt(N / 1.1e9), i.e.
-# 0.12 at ~4M parameters. tau: the reference projects 50 times in 20k steps; 500 / 10 = 50 here too.
 SCALES = {
-    "full": Scale(model_config="model/cpu-4m.yaml", vocab=2048, train_steps=500, global_batch=16, lr=3e-3,
-                  warmup=50, eval_interval=50, eval_steps=8, discovery_steps=30, projection_radius=0.12,
-                  projection_interval=10, suite="attacks/results-cpu.yaml"),
-    "smoke": Scale(model_config="model/debug.yaml", vocab=512, train_steps=12, global_batch=8, lr=3e-3,
-                   warmup=2, eval_interval=6, eval_steps=2, discovery_steps=4, projection_radius=0.5,
-                   projection_interval=4, suite="attacks/smoke.yaml", max_docs=120, max_chars=4000,
-                   attack_workers=1, extra=("model.seq_length=64",)),
+    "full": Scale(model_config="model/cpu-4m.yaml", vocab=2048, train_steps=400, global_batch=16,
+                  micro_batch=4, lr=3e-3, warmup=40, eval_interval=50, eval_steps=8, projection_rms=8.5e-5,
+                  projection_interval=8, redraw_interval=8, suite="attacks/recipes-cpu.yaml"),
+    "smoke": Scale(model_config="model/debug.yaml", vocab=512, train_steps=12, global_batch=8, micro_batch=4,
+                   lr=3e-3, warmup=2, eval_interval=6, eval_steps=2, projection_rms=8.5e-5,
+                   projection_interval=4, redraw_interval=4, suite="attacks/recipes-smoke.yaml",
+                   discovery_max_steps=6, max_docs=120, max_chars=4000, attack_workers=1, save_interval=6,
+                   matched_tolerance=0.05,  # 12 steps: the step grid cannot reach 1%
+                   extra=("model.seq_length=64",)),
 }
 
-# name -> (PMP overrides or None for dense, attackers on its release)
-ALL_ATTACKERS = ["unauthorized", "authorized", "recovery_global", "recovery_per_tensor", "recovery_init"]
-KEYED = ["unauthorized", "authorized"]
+# run name -> recipe file under configs/pmp (dense.yaml: PMP off)
 RUNS = {
-    "dense": (None, None),
-    "pmp-rho0.5": ({"rho": 0.5, "complement": "decay", "projection": True}, ALL_ATTACKERS),
-    "pmp-rho0.1": ({"rho": 0.1, "complement": "decay", "projection": True}, KEYED),
-    "pmp-rho0.9": ({"rho": 0.9, "complement": "decay", "projection": True}, KEYED),
-    "frozen-rho0.5": ({"rho": 0.5, "complement": "frozen", "projection": False}, KEYED),
+    "dense": "dense.yaml",
+    "reference": "reference-rho0.5.yaml",
+    "accumulated": "accumulated.yaml",
+    "per-tensor": "per-tensor.yaml",
+    "frozen": "frozen.yaml",
+    "redraw": "redraw.yaml",
 }
-REFERENCE_RUN = "pmp-rho0.5"
+REFERENCE = "reference"
+PMP_RUNS = [n for n in RUNS if n != "dense"]
+KEYLESS, KEY = "unauthorized", "authorized"
+ABLATIONS = ["unauthorized_frozen_embedding", "authorized_plus_embedding"]  # on the reference run only
+FULL_ONLY = {KEY, *ABLATIONS}  # attackers that get the full fine-tuning adversaries only (no LoRA)
 
 
 def experiment_seed_file(work: Path) -> Path:
-    """One SECRET W0 seed shared by every run of the experiment (the runs are compared from the same start),
-    drawn from OS entropy once and kept in WORK/private/w0_seed (0600); the runs read it through
-    ``model.seed_file``, so it reaches no config.yaml, log or report."""
+    """One SECRET W0 seed shared by every run (the runs are compared from the same start), drawn once from
+    OS entropy into WORK/private/w0_seed (0600); runs read it through ``model.seed_file``, so it reaches no
+    config.yaml, log or report."""
     import secrets
 
     from pmp_megatron.atomic import write_text_atomic
@@ -95,27 +105,34 @@ def experiment_seed_file(work: Path) -> Path:
     return path
 
 
-def pretrain_overrides(work: Path, name: str, scale: Scale) -> list[str]:
+def pretrain_command(work: Path, name: str, scale: Scale) -> list[str]:
+    from pmp_megatron.mcore import free_port
+
     data = work / "data"
-    pmp, _ = RUNS[name]
     args = [f"model.seed_file={experiment_seed_file(work)}",
             f"data.data_path=[0.5,{data / 'prose'},0.5,{data / 'code'}]",
             f"data.tokenizer_model={data / 'tokenizer.model'}", "data.split=98,2,0", "data.num_workers=1",
             f"model.vocab_size={scale.vocab}", f"train.train_steps={scale.train_steps}",
-            f"train.micro_batch_size={scale.global_batch}", f"train.global_batch_size={scale.global_batch}",
+            f"train.micro_batch_size={scale.micro_batch}", f"train.global_batch_size={scale.global_batch}",
             f"train.eval_interval={scale.eval_interval}", f"train.eval_steps={scale.eval_steps}",
-            f"optim.lr={scale.lr}", f"optim.lr_warmup_steps={scale.warmup}", "optim.weight_decay=0.1",
-            "optim.lr_decay_style=cosine", f"checkpoint.dir={work / 'runs' / name}",
-            f"checkpoint.save_interval={scale.train_steps}", "logging.log_interval=25", *scale.extra]
-    if pmp is None:
-        return [*args, "pmp.mode=dense"]
-    args += ["pmp.mode=pmp", f"pmp.rho={pmp['rho']}", f"pmp.complement={pmp['complement']}",
-             f"pmp.projection={str(pmp['projection']).lower()}",
-             f"pmp.discovery.max_steps={scale.discovery_steps}", f"pmp.discovery.lr={scale.lr}"]
-    if pmp["projection"]:
-        args += [f"pmp.projection_radius={scale.projection_radius}",
-                 f"pmp.projection_interval={scale.projection_interval}"]
-    return args
+            f"optim.lr={scale.lr}", f"optim.lr_warmup_steps={scale.warmup}",
+            f"checkpoint.dir={work / 'runs' / name}", f"checkpoint.save_interval={scale.save_interval}",
+            "logging.log_interval=25",
+            # the reference's projection at a size-free per-entry scale, 50 projections (redraws) per run
+            "pmp.projection_target=rms", f"pmp.projection_rms={scale.projection_rms}",
+            f"pmp.projection_interval={scale.projection_interval}",
+            f"pmp.redraw_interval={scale.redraw_interval}", *scale.extra]
+    if scale.discovery_max_steps is not None:
+        args.append(f"pmp.discovery.max_steps={scale.discovery_max_steps}")
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+            f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
+            "--config", str(CONFIGS / scale.model_config),
+            "--config", str(CONFIGS / "pmp" / RUNS[name]), *args]
+
+
+def matched_command(work: Path, scale: Scale) -> list[str]:
+    return [sys.executable, "-m", "pmp_megatron", "dense-matched", str(work / "runs" / REFERENCE),
+            "--out", str(work / "matched"), "--tolerance", str(scale.matched_tolerance), "data.num_workers=1"]
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -124,131 +141,197 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return run_dir.is_dir() and checkpoint.latest_valid(run_dir) == steps
 
 
-def pretrain_all(work: Path, scale: Scale) -> None:
-    """Pretrain every run (``concurrent_runs`` at a time, one torch thread each); skip finished ones."""
-    from pmp_megatron.mcore import free_port
+def _matched_dir(work: Path) -> Path | None:
+    summary = work / "matched" / "dense_matched.json"
+    if not summary.is_file():
+        return None
+    chosen = json.loads(summary.read_text()).get("chosen")
+    return None if chosen is None else Path(chosen["dir"])
 
-    todo = [n for n in RUNS if not _finished(work / "runs" / n, scale.train_steps)]
+
+class Budget:
+    def __init__(self, minutes: float):
+        self.start, self.seconds = time.time(), minutes * 60
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.start)
+
+    def over(self) -> bool:
+        return self.left() <= 0
+
+
+def pretrain_all(work: Path, scale: Scale, budget: Budget) -> bool:
+    """Every pretraining run and the dense-matched search (once the reference run is done),
+    ``concurrent_runs`` jobs at a time, one torch thread each; skip finished ones. False: the budget ran
+    out with jobs not started (running ones are finished)."""
+    jobs = {n: pretrain_command for n in RUNS if not _finished(work / "runs" / n, scale.train_steps)}
+    if _matched_dir(work) is None:
+        jobs["dense-matched"] = None
     (work / "logs").mkdir(parents=True, exist_ok=True)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     threads = max(1, (os.cpu_count() or 2) // scale.concurrent_runs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    while todo or running:
-        while todo and len(running) < scale.concurrent_runs:
-            name = todo.pop(0)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                   f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
-                   "--config", str(CONFIGS / scale.model_config), *pretrain_overrides(work, name, scale)]
-            log = open(work / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the run ends)
+    while jobs or running:
+        # the dense-matched search (sequential attempts) goes first once the reference run is done
+        ready = sorted((n for n in jobs if n != "dense-matched" or _finished(work / "runs" / REFERENCE,
+                                                                          scale.train_steps)),
+                       key=lambda n: n != "dense-matched")
+        while ready and len(running) < scale.concurrent_runs and not budget.over():
+            name = ready.pop(0)
+            del jobs[name]
+            if name == "dense-matched":
+                cmd = matched_command(work, scale)
+            else:
+                cmd = pretrain_command(work, name, scale)
+            log = open(work / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the job ends)
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[name] = (proc, time.time(), log)
-            logger.info("pretraining %s (log: %s)", name, work / "logs" / f"{name}.log")
+            logger.info("started %s (log: %s)", name, work / "logs" / f"{name}.log")
+        if not running:
+            break  # budget over (or nothing ready, which cannot happen: the reference run is a job)
         time.sleep(2)
         for name, (proc, t0, log) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[name]
             log.close()
+            if proc.returncode != 0 and name == "dense-matched":  # the experiment goes on without it
+                logger.warning("the dense-matched search found no run within %.0f%% (see %s): the report has "
+                               "no matched-start statistics", 100 * scale.matched_tolerance,
+                               work / "logs" / f"{name}.log")
+                continue
             if proc.returncode != 0:
                 for p, _, _ in running.values():
                     p.terminate()
-                raise SystemExit(f"pretraining {name} failed (exit {proc.returncode}); see "
+                raise SystemExit(f"{name} failed (exit {proc.returncode}); see "
                                  f"{work / 'logs' / f'{name}.log'}")
-            logger.info("pretraining %s done in %.0f s (%d left)", name, time.time() - t0,
-                        len(todo) + len(running))
+            logger.info("%s done in %.0f s (%d left)", name, time.time() - t0, len(jobs) + len(running))
+    return not jobs
 
 
-def release_all(work: Path) -> dict[str, dict]:
-    """Release every run, export the PMP masks (mode 0600, under WORK/private) and audit the releases."""
-    from pmp_megatron.release.from_checkpoint import AUDIT_FILE, release
+def release_all(work: Path, adaptive: bool) -> dict[str, dict]:
+    """Release every run and the dense-matched control; export each PMP key (0600, WORK/private) and audit
+    its release with every recovery attacker (WORK/audits/<run>.json, owner-side)."""
+    from pmp_megatron.release.adaptive_recovery import AdaptiveAudit
+    from pmp_megatron.release.audit import audit_release
+    from pmp_megatron.release.from_checkpoint import release
     from pmp_megatron.release.key_export import export_mask
-    from pmp_megatron.release.writer import default_owner_dir
 
     audits = {}
-    for name, (pmp, _) in RUNS.items():
+    sources = {n: work / "runs" / n for n in RUNS}
+    if _matched_dir(work) is not None:
+        sources["dense-matched"] = _matched_dir(work)
+    for name, run in sources.items():
         rel = work / "release" / name
-        mask = work / "private" / f"{name}.safetensors" if pmp is not None else None
-        if mask is not None and not mask.is_file():
-            export_mask(work / "runs" / name, mask)
-        audit = default_owner_dir(rel) / AUDIT_FILE  # owner-side, never in the release
-        if not (rel / "config.json").is_file() or (mask is not None and not audit.is_file()):
-            release(work / "runs" / name, rel, overwrite=True, mask=None if mask is None else str(mask))
-        if mask is not None:
-            audits[name] = json.loads(audit.read_text())
-            audits[name]["embedding_rows_trainable"] = _embedding_rows_trainable(mask)
+        if not (rel / "config.json").is_file():
+            release(run, rel, overwrite=True)
+        if name not in PMP_RUNS:
+            continue
+        key = work / "private" / f"{name}.safetensors"
+        if not key.is_file():
+            export_mask(run, key)
+        out = work / "audits" / f"{name}.json"
+        if not out.is_file():
+            report = audit_release(rel, key, adaptive=AdaptiveAudit() if adaptive else None)
+            out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            from pmp_megatron.atomic import write_text_atomic
+
+            write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
+        audits[name] = json.loads(out.read_text())
     return audits
 
 
-def _embedding_rows_trainable(mask_path: Path) -> float:
-    """Fraction of the input embedding's rows (tokens) with at least one masked-in entry: Stage I ranks one
-    step's gradient, and a token absent from that step's batch has an all-zero embedding gradient row."""
-    from pmp_megatron.pmp import maskfile
-
-    masks, _ = maskfile.load(mask_path)
-    return float(masks["model.embed_tokens.weight"].any(dim=1).float().mean())
-
-
-def attack_all(work: Path, scale: Scale) -> tuple[dict[str, str], set[str]]:
-    """Run the suite on every PMP release (paired with the dense one); return (run name -> model id, the
-    ids of this suite's cells: the results file may hold cells of an earlier grid, left out of the report)."""
-    from pmp_megatron.attack.execute import run_cells
+def variant_cells(work: Path, scale: Scale, name: str):
+    """The cells of one PMP release (with the controls, shared between releases by cell id) and their
+    context. The key and the ablation attackers get the full fine-tuning adversaries only."""
     from pmp_megatron.attack.run import prepare
 
-    ids: dict[str, str] = {}
-    cell_ids: set[str] = set()
-    for name, (pmp, attackers) in RUNS.items():
-        if pmp is None:
+    attackers = [KEYLESS, KEY, *(ABLATIONS if name == REFERENCE else [])]
+    matched = work / "release" / "dense-matched"
+    cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
+                         dense_model=str(work / "release" / "dense"),
+                         dense_matched_model=str(matched) if name == REFERENCE and matched.is_dir() else None,
+                         mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers,
+                         device="cpu")
+    cells = [c for c in cells if not (c.attacker in FULL_ONLY and c.adversary.method != "full")]
+    return cells, ctx
+
+
+def attack_all(work: Path, scale: Scale, budget: Budget) -> tuple[dict[str, set[str]], bool]:
+    """Run the suite on every PMP release, the reference first; return (run -> its cell ids, complete)."""
+    from pmp_megatron.attack.execute import pending_cells, run_cells
+
+    ids: dict[str, set[str]] = {}
+    complete = True
+    for name in PMP_RUNS:
+        if not (work / "release" / name / "config.json").is_file():
+            complete = False
             continue
-        logger.info("attack suite on %s (%s)", name, ", ".join(attackers))
-        cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),  # the key has the seed
-                             dense_model=str(work / "release" / "dense"),
-                             mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers)
-        run_cells(cells, ctx, work / "results.jsonl", workers=scale.attack_workers)
-        ids[name], ids["dense"] = ctx.model_ids["pmp"], ctx.model_ids["dense"]
-        cell_ids |= {c.id for c in cells}
-    return ids, cell_ids
+        cells, ctx = variant_cells(work, scale, name)
+        ids[name] = {c.id for c in cells}
+        todo = pending_cells(cells, work / "results.jsonl")
+        if todo and budget.over():
+            complete = False
+            continue
+        logger.info("attacks on %s: %d cells, %d to run", name, len(cells), len(todo))
+        # chunks, so the budget is checked while a long grid runs
+        for i in range(0, len(todo), 8 * max(1, scale.attack_workers)):
+            if budget.over():
+                complete = False
+                break
+            run_cells(todo[i: i + 8 * max(1, scale.attack_workers)], ctx, work / "results.jsonl",
+                      workers=scale.attack_workers)
+    return ids, complete
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="runs/results", help="checkpoints, releases, masks (not committed)")
-    parser.add_argument("--out", default="docs/results", help="report, plots, summary, results JSONL")
+    parser.add_argument("--work", default="runs/results-v2",
+                        help="checkpoints, releases, keys (not committed)")
+    parser.add_argument("--out", default="docs/results/v2", help="report, plots, summary, results JSONL")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--budget-minutes", type=float, default=150.0,
+                        help="start no new work after this many minutes of this invocation (default 150)")
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive key attackers' audits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     scale = SCALES[args.scale]
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    timings = {}
-
+    budget, timings = Budget(args.budget_minutes), {}
     from pmp_megatron.data.prepare import prepare_builtin
 
     logger.info("[1/5] corpora + tokenizer (vocab %d) -> %s", scale.vocab, work / "data")
     prepare_builtin(work / "data", scale.vocab, max_docs=scale.max_docs, max_chars=scale.max_chars)
-    logger.info("[2/5] pretraining %d runs", len(RUNS))
+    logger.info("[2/5] pretraining %d runs and the dense-matched search", len(RUNS))
     t = time.time()
-    pretrain_all(work, scale)
+    pretrained = pretrain_all(work, scale, budget)
     timings["pretraining_s"] = round(time.time() - t)
-    logger.info("[3/5] releases, private masks, leakage audits")
-    audits = release_all(work)
+    logger.info("[3/5] releases, keys, audits")
+    t = time.time()
+    audits = release_all(work, adaptive=not args.no_adaptive) if pretrained else {}
+    timings["release_audit_s"] = round(time.time() - t)
     logger.info("[4/5] attack suite %s", scale.suite)
     t = time.time()
-    ids, cell_ids = attack_all(work, scale)
+    ids, attacked = attack_all(work, scale, budget) if pretrained else ({}, False)
     timings["attacks_s"] = round(time.time() - t)
     logger.info("[5/5] report -> %s", out)
-    from results_report import write_experiment_report  # tools/ is sys.path[0] when run as a script
+    sys.path.insert(0, str(REPO / "tools"))
+    from results_report import write_experiment_report
 
-    meta = {"command": f"python tools/run_results_experiment.py --scale {args.scale}",
-            "scale": args.scale, "scale_settings": scale.__dict__,
-            # this invocation only: a rerun skips finished work (run times in the report: from the logs)
-            "this_invocation_s": {**timings, "total_s": round(time.time() - t0)},
-            "python": platform.python_version(), "cpus": os.cpu_count(),
+    meta = {"command": f"python tools/run_results_experiment.py --scale {args.scale}", "scale": args.scale,
+            "scale_settings": asdict(scale), "complete": pretrained and attacked,
+            "budget_minutes": args.budget_minutes, "this_invocation_s": {**timings, "total_s": round(
+                time.time() - budget.start)}, "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": __import__("torch").__version__}
-    summary = write_experiment_report(work, out, RUNS, REFERENCE_RUN, ids, cell_ids, audits, meta)
-    logger.info("done in %.0f s: %s", time.time() - t0, out / "report.md")
+    if not ids:
+        logger.warning("nothing attacked yet (budget reached); rerun to continue")
+        return 3
+    summary = write_experiment_report(work, out, scale.suite, ids, audits, meta)
+    logger.info("done in %.0f s%s: %s", time.time() - budget.start, "" if meta["complete"] else
+                " (PARTIAL: rerun to continue)", out / "report.md")
     print(json.dumps(summary["headline"], indent=2))  # noqa: T201
-    return 0
+    return 0 if meta["complete"] else 3
 
 
 if __name__ == "__main__":
