@@ -170,9 +170,10 @@ class Trainer:
         """The state training starts from: the checkpoint found by ``setup`` (an older valid one when it
         fails to load); else W0 with, in PMP mode, the masks of Stage I (``discover``; ``Preempted`` if a
         preemption signal stops it), or ``masks`` (this rank's local mask per canonical parameter name)
-        instead of running Stage I. A fresh start saves iteration 0 in PMP mode and, with
-        ``checkpoint.save_init``, in dense mode, then removes the Stage-I checkpoints. Needs megatron's
-        parallel groups (``setup``)."""
+        instead of running Stage I. Once the masks are attached this call holds no reference to the dict
+        (Stage I's is freed; a caller's own reference to ``masks`` is the caller's to drop). A fresh start
+        saves iteration 0 in PMP mode and, with ``checkpoint.save_init``, in dense mode, then removes the
+        Stage-I checkpoints. Needs megatron's parallel groups (``setup``)."""
         cfg = self.cfg
         self._resolve_start()
         start = self._start
@@ -183,10 +184,14 @@ class Trainer:
             if result.preempted:
                 raise Preempted(f"preempted at stage I step {result.steps}")
             masks = result.masks
+            del result
         # Stage II (or dense) from W0: the rewind is a fresh build from the seed.
         chunks = build_model(cfg)
         if cfg.pmp.mode == "pmp":
             pmp_masks.attach(chunks, cfg.model.vocab_size, masks)
+        # Each parameter holds its own mask now: Stage I's dict (another byte per parameter) goes before
+        # the optimizer state is allocated, not at the end of this call.
+        del masks
         model = wrap_ddp(chunks, cfg)
         optimizer = build_optimizer(model, cfg)
         state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), rule=None)
