@@ -2,9 +2,17 @@
 LR schedule (megatron-core's OptimizerParamScheduler: linear warmup, then cosine/linear/constant decay).
 
 Norm weights and other 1-D parameters get no weight decay, as in Megatron-LM and the HF reference.
+
+Without Transformer Engine or apex, megatron steps with ``torch.optim.AdamW`` and leaves torch to pick its
+implementation, which on CPU is the single-tensor loop: ~3x slower when many second moments are exactly
+zero (PMP's masked complement; ``aten::sqrt`` on zeros). On CPU we switch that optimizer to torch's fused
+kernel: the same AdamW update to fp32 rounding (~2 ulp), elementwise, so any sharding of a tensor gives
+the same values (layouts stay comparable bit for bit), and a resumed run keeps it.
 """
 
 from __future__ import annotations
+
+import torch
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config
@@ -32,8 +40,35 @@ def optimizer_config(cfg: Config, lr: float | None = None, weight_decay: float |
 
 
 def build_optimizer(model: list, cfg: Config, **overrides):
-    """megatron optimizer over the DDP-wrapped chunks (``overrides``: lr, weight_decay, clip_grad)."""
-    return mcore.get_megatron_optimizer(optimizer_config(cfg, **overrides), model)
+    """megatron optimizer over the DDP-wrapped chunks (``overrides``: lr, weight_decay, clip_grad); torch's
+    fused AdamW where megatron falls back to torch's optimizer on CPU."""
+    optimizer = mcore.get_megatron_optimizer(optimizer_config(cfg, **overrides), model)
+    use_fused_cpu_adamw(optimizer)
+    return optimizer
+
+
+def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The ``torch.optim.Adam``/``AdamW`` instances a megatron optimizer steps (its torch fallback)."""
+    leaves = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [getattr(leaf, "optimizer", None) for leaf in leaves]
+    return [opt for opt in inner if type(opt) in (torch.optim.Adam, torch.optim.AdamW)]
+
+
+def _fused(opt: torch.optim.Optimizer) -> None:
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = True, False
+
+
+def use_fused_cpu_adamw(optimizer) -> None:
+    """Step every torch Adam/AdamW of ``optimizer`` whose parameters are all contiguous CPU floating-point
+    tensors with torch's fused kernel (it reads parameters as contiguous memory), also after a
+    ``load_state_dict`` (which takes the param groups' flags from the state it loads)."""
+    for opt in torch_adams(optimizer):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if params and all(p.device.type == "cpu" and p.is_floating_point() and p.is_contiguous()
+                          for p in params):
+            _fused(opt)
+            opt.register_load_state_dict_post_hook(_fused)
 
 
 def build_scheduler(optimizer, cfg: Config, train_steps: int | None = None):

@@ -55,3 +55,57 @@ def test_stage1_mask_dict_is_freed_at_the_rewind():
     assert num_stage1 > 0 and with_mask == num_stage1  # Stage I ran; every parameter got its own mask
     assert at_optimizer == [0], f"{at_optimizer[0]} Stage-I masks still referenced at the Stage-II optimizer"
     assert after_build == 0
+
+
+def _one_stage2_step(variant: list[str]):
+    """One Stage-II step (PMP, decay) from W0 with the optimizer build_optimizer gives and with the same
+    optimizer switched back to torch's single-tensor loop: (fused flags, fused kernel calls, flags after a
+    state round trip, weights, reference weights)."""
+    from pmp_megatron.model.gpt import build_model
+    from pmp_megatron.pmp.update import MaskedUpdate
+    from pmp_megatron.testing import attach_random_masks, debug_config, init_debug_parallel, synthetic_batches
+    from pmp_megatron.train.optimizer import build_optimizer, torch_adams
+    from pmp_megatron.train.step import train_step, wrap_ddp
+
+    overrides = ["pmp.mode=pmp", "pmp.rho=0.5", "optim.lr=1e-2", *variant]
+    init_debug_parallel(overrides, 1)
+    calls = []
+    for name in ("_fused_adamw_", "_fused_adam_"):
+        kernel = getattr(torch, name)
+        setattr(torch, name, lambda *a, _k=kernel, **kw: calls.append(1) or _k(*a, **kw))
+    out = {}
+    for run in ("fused", "reference"):
+        cfg = debug_config(overrides, 1)
+        chunks = build_model(cfg)
+        model = wrap_ddp(chunks, cfg)
+        optimizer = build_optimizer(model, cfg)
+        inner = torch_adams(optimizer)
+        if run == "fused":
+            out["flags"] = [g["fused"] for opt in inner for g in opt.param_groups]
+        else:
+            for opt in inner:
+                for group in opt.param_groups:
+                    group["fused"], group["foreach"] = None, None
+        attach_random_masks(chunks, cfg, density=0.5)
+        MaskedUpdate(model, optimizer, cfg)
+        w0 = {n: p.detach().float().clone() for n, p in chunks[0].named_parameters()}
+        train_step(model, optimizer, synthetic_batches(cfg, 2, 2, seed=0), cfg)
+        out[run] = {n: p.detach().float().clone() for n, p in chunks[0].named_parameters()}
+        if run == "fused":
+            out["moved"] = sum(not torch.equal(w0[n], w) for n, w in out[run].items()) / len(w0)
+            out["calls"] = len(calls)
+            optimizer.load_state_dict(optimizer.state_dict())
+            out["flags_after_load"] = [g["fused"] for opt in inner for g in opt.param_groups]
+    return out
+
+
+@pytest.mark.parametrize("variant", [[], ["parallel.use_distributed_optimizer=true"],
+                                     ["model.params_dtype=bfloat16"]], ids=["fp32", "distopt", "bf16"])
+def test_cpu_runs_step_with_fused_adamw_equal_to_the_single_tensor_update(variant):
+    r = spawn(_one_stage2_step, 1, variant)[0]
+    assert r["flags"] and all(r["flags"]) and all(r["flags_after_load"]), r
+    assert r["calls"] > 0 and r["moved"] > 0.9  # the fused kernel ran and moved the weights
+    assert r["fused"].keys() == r["reference"].keys()
+    for name, ref in r["reference"].items():
+        torch.testing.assert_close(r["fused"][name], ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item(),
+                                   msg=name)
