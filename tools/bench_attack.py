@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             runner.run_cell(cell, ctx)
             times[mode].append((time.process_time() - c0, time.perf_counter() - w0))
             print(json.dumps({"cell": i, "mode": mode, "adversary": cell.adversary.label, "role": cell.role,
-                              "attacker": cell.attacker, "cpu_s": round(times[mode][-1][0], 2)}), flush=True)
+                              "attacker": cell.attacker, "cpu_s": round(times[mode][-1][0], 4)}), flush=True)
     ratios = [f[0] / s[0] for f, s in zip(times["fresh"], times["shared"], strict=True)]
     est, low, high = t_interval(ratios)
     out = {mode: {"cells_per_cpu_hour": round(3600 * len(v) / sum(c for c, _ in v), 1),

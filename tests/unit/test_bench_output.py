@@ -32,3 +32,27 @@ def test_bench_pmp_last_line():
         assert math.isfinite(value) and value > 0
     assert mask_bits == 8.0  # bool masks: one byte per parameter, as measured on the model
     assert "Trainer.train" in proc.stdout and "mask_grads" in proc.stdout
+
+
+def test_bench_attack_reports_both_modes_and_the_ratio_of_its_own_times(tmp_path):
+    """tools/bench_attack.py on 2 smoke-suite cells: every timed cell is printed, and the summary's
+    cells/hour and fresh/shared ratio are those of the printed per-cell times (not constants)."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_attack.py"), "--suite",
+         str(REPO / "configs" / "attacks" / "smoke.yaml"), "--task", "copy", "--cells", "2",
+         "--work", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    cells = [json.loads(line) for line in out.splitlines() if line.startswith('{"cell"')]
+    summary = json.loads(out[out.index("{\n"):])
+    assert sorted((c["cell"], c["mode"]) for c in cells) == [(0, "fresh"), (0, "shared"), (1, "fresh"),
+                                                             (1, "shared")]
+    cpu = {m: [c["cpu_s"] for c in sorted(cells, key=lambda c: c["cell"]) if c["mode"] == m]
+           for m in ("fresh", "shared")}
+    for mode in ("fresh", "shared"):
+        assert summary[mode]["cells_per_cpu_hour"] == pytest.approx(3600 * 2 / sum(cpu[mode]), rel=0.02)
+    ratio = sum(f / s for f, s in zip(cpu["fresh"], cpu["shared"], strict=True)) / 2
+    assert summary["cpu_time_ratio_fresh_over_shared"]["mean"] == pytest.approx(ratio, rel=0.05)
+    assert summary["cpu_time_ratio_fresh_over_shared"]["cells"] == 2
