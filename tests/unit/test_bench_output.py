@@ -1,5 +1,6 @@
 """tools/bench_pmp.py runs end to end with tiny settings and ends with its summary line: finite positive
-numbers, and the MEASURED mask storage of bool masks (1 byte = 8 bits per parameter)."""
+numbers, and the MEASURED mask storage of bool masks (1 byte = 8 bits per parameter); tools/bench_attack.py
+derives its summary from the cell times it prints."""
 
 import math
 import re
