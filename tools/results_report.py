@@ -125,6 +125,9 @@ def stage1(metrics: dict) -> dict:
 def best_recipes(runs: dict) -> dict:
     """The pre-registered readings of "best" (docs/results/v2-preregistration.md)."""
     names = list(runs)
+    if not names:
+        return {"base_quality": None, "resistance": None, "resistance_not_distinguishable_from": [],
+                "resistance_mean_final_vs_dense": {}, "key_privacy": None}
     base = min(names, key=lambda n: runs[n]["base_loss_ratio"])
 
     def resistance(n):
@@ -185,21 +188,26 @@ def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[st
     run_names = [n for n in ("dense", *ids) if (work / "runs" / n / "metrics.jsonl").is_file()]
     metrics = {n: read_metrics(work / "runs" / n) for n in run_names}
     final_valid = {n: m["valid"][-1][1] for n, m in metrics.items()}
-    runs, dirs = {}, {}
+    runs, dirs, waiting = {}, {}, []
     for name, cell_ids in ids.items():
         mine = [r for r in records if r["id"] in cell_ids]
+        if not any(r["role"] == "pmp" for r in mine):  # a partial run: not attacked yet
+            waiting.append(name)
+            continue
         sub = out / "attacks" / name
         summary = attack_report.write_report(mine, sub, suite)
         dirs[name] = str(sub.relative_to(out))
         model_id = next(r["model_id"] for r in mine if r["role"] == "pmp")
         runs[name] = {"model_id": model_id, "verdict": summary["verdict"],
+                      "cells": [len(mine), len(cell_ids)],
                       "base_loss_ratio": final_valid[name] / final_valid["dense"],
                       "tasks": summary["decision"]["tasks"], "complete": len(mine) == len(cell_ids),
                       "key_privacy": key_privacy(audits[name]) if name in audits else {},
                       "stage1": stage1(metrics[name]), "ablations": ablations(mine, model_id)}
     summary = {"headline": {n: {"verdict": r["verdict"], "base_loss_ratio": r["base_loss_ratio"]}
                             for n, r in runs.items()},
-               "best": best_recipes(runs), "runs": runs, "valid_loss": final_valid, "cells": len(records),
+               "best": best_recipes(runs), "runs": runs, "not_attacked_yet": waiting,
+               "valid_loss": final_valid, "cells": len(records),
                "cell_seconds": round(sum(r.get("wall_s") or 0.0 for r in records)), "meta": meta,
                "rule": None if suite.decision is None else {
                    side: [f"{c.statistic} {c}" for c in getattr(suite.decision, side)]
@@ -216,9 +224,13 @@ def _markdown(summary: dict, dirs: dict, plot: str) -> str:
     lines = ["# Recipes experiment: does PMP resist keyless fine-tuning at this scale?", ""]
     if not meta.get("complete"):
         lines += ["**PARTIAL**: the budget ran out before every run and cell finished; rerun the command to "
-                  "continue. Verdicts below use the cells that exist.", ""]
+                  "continue. Verdicts below use the cells that exist"
+                  + (f"; not attacked yet: {', '.join(summary['not_attacked_yet'])}"
+                     if summary["not_attacked_yet"] else "") + ".", ""]
     lines += ["## Verdicts (pre-registered rule, docs/results/v2-preregistration.md)", ""]
-    rows = [[n, r["verdict"] or "-", format_value(r["base_loss_ratio"], 3)] +
+    rows = [[n, (r["verdict"] or "-") + ("" if r["complete"] else
+                                         f" (partial: {r['cells'][0]}/{r['cells'][1]} cells)"),
+             format_value(r["base_loss_ratio"], 3)] +
             [r["tasks"].get(t, {}).get("verdict") or "-" for t in tasks] for n, r in runs.items()]
     lines += markdown_table(["recipe", "verdict", "base loss / dense", *tasks], rows)
     lines += ["", "## The intervals that decide (95%, 3 seeds, paired; accuracy points as fractions)", ""]

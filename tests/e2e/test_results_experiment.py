@@ -120,3 +120,34 @@ def test_rerun_redoes_nothing(experiment):
     assert {p: p.stat().st_mtime for p in (work / "runs").rglob("metrics.jsonl")} == mtimes
     assert "started" not in log
     assert log.count(", 0 to run") == len(PMP_RUNS), log[-3000:]
+
+
+def test_a_partial_grid_is_reported_as_partial(experiment, tmp_path):
+    """When the budget stops the grid: a release with some of its cells says how many, one without any of
+    its own cells is listed as not attacked yet, and the report says PARTIAL first."""
+    import shutil
+
+    work, out, _ = experiment
+    sys.path.insert(0, str(REPO / "tools"))
+    import run_results_experiment as tool
+    from results_report import write_experiment_report
+
+    scale = tool.SCALES["smoke"]
+    ids = {name: {c.id for c in tool.variant_cells(work, scale, name)[0]} for name in PMP_RUNS}
+    records = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
+    frozen_pmp = sorted(r["id"] for r in records if r["id"] in ids["frozen"] and r["role"] == "pmp")
+    drop = set(frozen_pmp[: len(frozen_pmp) // 2]) | {r["id"] for r in records
+                                                      if r["id"] in ids["redraw"] and r["role"] == "pmp"}
+    partial = tmp_path / "work"
+    shutil.copytree(work / "runs", partial / "runs", ignore=shutil.ignore_patterns("iter_*", "stage1"))
+    kept_records = [r for r in records if r["id"] not in drop]
+    (partial / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept_records))
+    audits = {n: json.loads((work / "audits" / f"{n}.json").read_text()) for n in PMP_RUNS}
+    meta = {"complete": False, "this_invocation_s": {}, "budget_minutes": 1, "cpus": 2, "torch": "x"}
+    summary = write_experiment_report(partial, tmp_path / "out", scale.suite, ids, audits, meta)
+    assert summary["not_attacked_yet"] == ["redraw"] and "redraw" not in summary["runs"]
+    kept = len(ids["frozen"]) - len(frozen_pmp) // 2
+    assert summary["runs"]["frozen"]["cells"] == [kept, len(ids["frozen"])]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.index("**PARTIAL**") < report.index("## Verdicts")
+    assert f"(partial: {kept}/{len(ids['frozen'])} cells)" in report and "not attacked yet: redraw" in report
