@@ -17,8 +17,8 @@ Complement policies (``pmp.complement``), then the optional projection (``pmp.pr
   complement's values (``(1 - rho)`` of the parameters) and write them back after each optimizer step,
   into the model parameters and the optimizer's main copies.
 - ``redraw``: every ``redraw_interval`` steps (after the optimizer step numbered ``step``, at its
-  multiples) each tensor's complement is replaced by a fresh secret draw matched to the magnitudes of its
-  trained entries (``pmp/redraw.py``: the draw, its seed, what holds under TP). Between redraws the
+  multiples) each tensor's complement is replaced by a fresh secret draw from the values of its trained
+  entries (``pmp/redraw.py``: the draw, its seed, what holds under TP). Between redraws the
   complement decays as under ``decay``. It needs the secret W0 seed (``secret_seed``).
 - projection: every ``projection_interval`` steps, if the joint L2 norm of ALL complement entries of the
   model (reduced over TP and PP, replicated copies counted once, padded rows excluded) exceeds the radius

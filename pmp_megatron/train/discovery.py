@@ -40,7 +40,7 @@ Options (``pmp.discovery``; the defaults are the reference's, and give today's m
   rank (``micro_batch_size x DP`` sequences; megatron then divides the loss by 1 micro-batch, so the
   gradient is the mean token gradient of those micro-batches). The rest of the step's share is skipped,
   so the data position per step is the same as in ``global`` mode. Not with a virtual pipeline
-  (megatron's interleaved schedule needs at least PP micro-batches per step): a ValueError.
+  (megatron's interleaved schedule needs at least PP micro-batches per step): refused by Config.validate.
 - ``quota``: ``global`` is one ranking over the whole model (``pmp.select.global_topk_masks``);
   ``per_tensor`` keeps exactly ``floor(rho * n)`` entries of every tensor (``per_tensor_topk_masks``).
 - ``embedding``: ``masked`` ranks the input embedding like any tensor; ``trainable`` sets its mask to
@@ -70,7 +70,7 @@ from pmp_megatron.config import Config, DiscoveryConfig, config_to_dict
 from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import EMBEDDING, OUTPUT, ShardInfo, shard_infos
 from pmp_megatron.pmp import masks as pmp_masks
-from pmp_megatron.pmp.select import global_topk_masks, per_tensor_topk_masks
+from pmp_megatron.pmp.select import global_topk_masks, iou, per_tensor_topk_masks
 from pmp_megatron.train import checkpoint, signals
 from pmp_megatron.train.optimizer import build_optimizer
 from pmp_megatron.train.resume import Start, load_with_fallback
@@ -161,36 +161,28 @@ def select_masks(scores: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, 
     return masks, threshold
 
 
-def mask_statistics(prev: dict | None, masks: dict, infos: dict[str, ShardInfo], vocab_size: int,
-                    iou_names) -> dict:
-    """IoU(prev, masks) over the counted entries of ``iou_names`` (NaN without ``prev``), the input
-    embedding's row coverage and the density per tensor type, over the whole model (one all-reduce over
-    the model-parallel group)."""
+def mask_statistics(masks: dict, infos: dict[str, ShardInfo], vocab_size: int) -> dict:
+    """The input embedding's row coverage and the density per tensor type of ``masks``, over the whole
+    model (one all-reduce over the model-parallel group)."""
     num_types = len(TENSOR_TYPES)
     device = next(iter(masks.values())).device
-    # inter, union, covered embedding rows, then kept and total entries per type (summed on the device)
-    counts = torch.zeros(3 + 2 * num_types, dtype=torch.int64, device=device)
+    counts = torch.zeros(1 + 2 * num_types, dtype=torch.int64, device=device)
     for name, info in infos.items():
         if not info.counted:
             continue
         mask, kind = masks[name], TENSOR_TYPES.index(tensor_type(name))
         for lo, _ in info.local_slices():
             m = mask[lo]
-            counts[3 + kind] += torch.count_nonzero(m)
-            counts[3 + num_types + kind] += m.numel()
+            counts[1 + kind] += torch.count_nonzero(m)
+            counts[1 + num_types + kind] += m.numel()
             if name == EMBEDDING:
-                counts[2] += torch.count_nonzero(m.reshape(m.shape[0], -1).any(dim=1))
-            if prev is not None and name in iou_names:
-                counts[0] += torch.count_nonzero(m & prev[name][lo])
-                counts[1] += torch.count_nonzero(m | prev[name][lo])
+                counts[0] += torch.count_nonzero(m.reshape(m.shape[0], -1).any(dim=1))
     counts = mcore.all_reduce(counts, group=mcore.model_parallel_group()).cpu()
-    inter, union = int(counts[0]), int(counts[1])
-    out = dict(iou=float("nan") if prev is None else (1.0 if union == 0 else inter / union),
-               embedding_row_coverage=int(counts[2]) / vocab_size)
+    out = dict(embedding_row_coverage=int(counts[0]) / vocab_size)
     for i, kind in enumerate(TENSOR_TYPES):
-        total = int(counts[3 + num_types + i])
+        total = int(counts[1 + num_types + i])
         if total:
-            out[f"density_{kind}"] = int(counts[3 + i]) / total
+            out[f"density_{kind}"] = int(counts[1 + i]) / total
     return out
 
 
@@ -210,10 +202,6 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]], root: Path 
     d, rho = cfg.pmp.discovery, cfg.pmp.rho
     if d.max_steps < 1:
         raise ValueError("pmp.discovery.max_steps must be >= 1 to discover a mask in pmp mode")
-    if d.batch == "micro" and cfg.parallel.virtual_pipeline_model_parallel_size:
-        raise ValueError("pmp.discovery.batch=micro runs one micro-batch per Stage-I step; megatron's "
-                         "interleaved schedule (parallel.virtual_pipeline_model_parallel_size) needs at "
-                         "least parallel.pipeline_model_parallel_size micro-batches per step")
     scfg = stage1_config(cfg)
     running = d.score != "grad"
 
@@ -236,7 +224,8 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]], root: Path 
         logger.info("stage I resumed from %s at step %d", checkpoint.iter_dir(resume.root, first), first)
     entries = shard_infos(model, cfg.model.vocab_size)
     infos = {name: info for name, (_, info) in entries.items()}
-    iou_names = {n for n in infos if not (d.embedding == "trainable" and n == EMBEDDING)}
+    # the IoU stop rule compares the ranked tensors (an always-trainable embedding is not ranked)
+    ranked_infos = {n: i for n, i in infos.items() if not (d.embedding == "trainable" and n == EMBEDDING)}
     ranked = {}
 
     def rank_grads():
@@ -264,8 +253,8 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]], root: Path 
             batch = batch[:1]
         loss = train_step(model, optimizer, batch, scfg, after_backward=rank_grads).loss
         masks = ranked["masks"]
-        stats = mask_statistics(prev, masks, infos, cfg.model.vocab_size, iou_names)
-        overlap = stats.pop("iou")
+        overlap = iou(prev, masks, ranked_infos) if prev is not None else float("nan")
+        stats = mask_statistics(masks, infos, cfg.model.vocab_size)
         streak = streak + 1 if prev is not None and overlap >= d.iou_threshold else 0
         prev = masks
         step += 1
