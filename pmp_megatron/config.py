@@ -27,8 +27,8 @@ import yaml
 from pmp_megatron.atomic import write_text_atomic
 
 __all__ = [
-    "ModelConfig", "ParallelConfig", "DiscoveryConfig", "PMPConfig", "DataConfig", "OptimConfig",
-    "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
+    "ModelConfig", "ParallelConfig", "DiscoveryConfig", "AdversarialConfig", "PMPConfig", "DataConfig",
+    "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "load_yaml",
     "parse_split", "resume_differences", "RESUME_FIXED",
 ]
@@ -112,6 +112,35 @@ class DiscoveryConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Stage II against simulated keyless fine-tuning (``train/adversarial.py``; off by default). Every
+    ``interval`` steps the outer gradient is the language-modelling gradient plus ``penalty_weight`` * the
+    gradient of ``objective`` after ``inner_steps`` simulated steps of KEYLESS full fine-tuning on the proxy
+    data, plus ``key_weight`` * the gradient of the proxy loss after as many steps of a MASK-ONLY fine-tune
+    (the owner's key stays useful). First-order: each term's gradient is taken at the weights the simulated
+    fine-tune reached. The outer update is masked like any Stage-II step."""
+
+    enabled: bool = False
+    interval: int = 1  # Stage-II steps between adversarial steps (the others are plain PMP steps)
+    inner_steps: int = 4  # K: steps of each simulated fine-tune
+    inner_optimizer: Literal["adamw", "sgd"] = "adamw"  # the simulated attacker's optimizer (no weight decay)
+    inner_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # [low, high]: log-uniform draw
+    inner_batch_size: int = 8  # proxy rows per simulated step (global: split over data-parallel ranks)
+    inner_clip_grad: float = 1.0  # the simulated attacker's gradient-norm clip (0: none)
+    # what the keyless term rewards after the simulated attack: the entropy of the next-token distribution
+    # (TAR's bounded choice) | the proxy loss, capped at log(vocab_size)
+    objective: Literal["entropy", "loss"] = "entropy"
+    penalty_weight: float = 1.0  # weight of the keyless term
+    key_weight: float = 1.0  # weight of the mask-only term (0: no simulated owner fine-tune)
+    # the simulated attacker's data: builtin:<domain>, a JSONL file, or synthetic:<copy|reverse|recall>[:len]
+    proxy: list[str] = field(default_factory=list)
+    proxy_rows: int = 2000  # proxy rows (blocks or examples) drawn from
+    # every task the release will be evaluated on (the same spelling; classify:<name> for a classification
+    # task): the proxy must be apart from all of them
+    evaluation_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PMPConfig:
     mode: Literal["pmp", "dense"] = "pmp"  # private-mask pre-training or plain dense baseline
     rho: float | None = None  # fraction of weights in the private mask; required (0, 1] for mode pmp
@@ -130,6 +159,7 @@ class PMPConfig:
     projection_shrink: float = 0.01  # radius / W0's complement norm (projection_target: shrink)
     projection_interval: int = 400  # projection period tau, in steps
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # mask discovery phase
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)  # resistance by construction
 
 
 @dataclass
@@ -260,6 +290,7 @@ class Config:
                f"optim.lr_warmup_steps ({self.optim.lr_warmup_steps}) must be < train.train_steps "
                f"({t.train_steps})")
         self._validate_pmp()
+        self._validate_adversarial()
         self._validate_numbers()
         return self
 
@@ -302,6 +333,36 @@ class Config:
                "parallel.use_distributed_optimizer=false or model.params_dtype=float32 (or use "
                "pmp.complement=decay without pmp.projection)")
 
+    def _validate_adversarial(self) -> None:
+        """``pmp.adversarial``: where it can run, its numbers, and a proxy apart from the evaluation."""
+        a = self.pmp.adversarial
+        if not a.enabled:
+            return
+        _check(self.pmp.mode == "pmp", "pmp.adversarial.enabled needs pmp.mode=pmp (it shapes the masked-in "
+                                       "entries against keyless fine-tuning)")
+        _check(self.model.params_dtype == "float32" and not self.parallel.use_distributed_optimizer,
+               "pmp.adversarial.enabled simulates fine-tunes on the fp32 parameters with every gradient "
+               "all-reduced: it needs model.params_dtype=float32 and "
+               "parallel.use_distributed_optimizer=false")
+        for name in ("pmp.adversarial.interval", "pmp.adversarial.inner_steps",
+                     "pmp.adversarial.inner_batch_size", "pmp.adversarial.proxy_rows"):
+            _check(_get(self, name) >= 1, f"{name} must be >= 1, got {_get(self, name)}")
+        for name in ("pmp.adversarial.inner_clip_grad", "pmp.adversarial.penalty_weight",
+                     "pmp.adversarial.key_weight"):
+            _check(_get(self, name) >= 0, f"{name} must be >= 0, got {_get(self, name)}")
+        _check(len(a.inner_lr) == 2 and all(math.isfinite(x) for x in a.inner_lr)
+               and 0 < a.inner_lr[0] <= a.inner_lr[1],
+               f"pmp.adversarial.inner_lr must be [low, high] with 0 < low <= high, got {a.inner_lr}")
+        _check(bool(a.proxy), "pmp.adversarial.proxy is empty: name the simulated attacker's data")
+        _check(bool(a.evaluation_tasks), "pmp.adversarial.evaluation_tasks is empty: list every task the "
+                                         "release will be evaluated on, so the proxy is kept apart from them")
+        evaluated = {task_identity(t): t for t in a.evaluation_tasks}
+        for source in a.proxy:
+            same = evaluated.get(task_identity(source))
+            _check(same is None, f"pmp.adversarial.proxy {source!r} overlaps "
+                                 f"pmp.adversarial.evaluation_tasks {same!r}: the simulated attacks must not "
+                                 "train on an evaluated task")
+
     def _validate_numbers(self) -> None:
         """Optimizer, evaluation, data and checkpoint values that would otherwise fail mid-run."""
         for name, value in _floats(self, ""):
@@ -330,6 +391,22 @@ class Config:
                                   f"compared on resume (e.g. 'pmp.projection_interval')")
             _check(name not in RESUME_FIXED, f"checkpoint.allow_changes: {name} cannot change on resume "
                                              f"({RESUME_FIXED.get(name)}); start a new checkpoint.dir")
+
+
+_DOMAIN = re.compile(r"^[a-z_]+$")
+
+
+def task_identity(source: str) -> str:
+    """What a task source names, for overlap checks: ``builtin:<domain>`` (a bare domain name is one),
+    ``synthetic:<task>`` (any length), ``classify:<name>``, or a file's resolved path."""
+    kind, _, rest = source.partition(":")
+    if kind in ("builtin", "classify"):
+        return f"{kind}:{rest}"
+    if kind == "synthetic":
+        return f"synthetic:{rest.split(':')[0]}"
+    if _DOMAIN.match(source) and not Path(source).exists():
+        return f"builtin:{source}"
+    return str(Path(source).resolve())
 
 
 # ----------------------------------------------------------------------------- resume compatibility

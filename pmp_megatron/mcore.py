@@ -219,6 +219,12 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     return tensor
 
 
+def reduce_from_tp(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the tensor-parallel group with autograd (backward: the identity, as for a vocab-parallel
+    loss that every TP rank computes from the summed value)."""
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(tensor)
+
+
 def all_gather_object(obj, group=None) -> list:
     """Every rank's ``obj`` of ``group``, in group-rank order (pickled; host side for any backend)."""
     out = [None] * dist.get_world_size(group)

@@ -39,8 +39,16 @@ select_over_backward=<f>`` for the debug model (or the first size given): the St
 ratio PMP/dense, the measured mask bits per parameter, and the selection/forward-backward ratio.
 Progress goes to stderr.
 
+``--adversarial`` measures adversarial Stage II (``pmp.adversarial``, ``train/adversarial.py``) instead:
+``Trainer.train`` iterations of plain PMP and of PMP with every step adversarial (``--inner-steps``
+simulated steps per attack, AdamW attacker, a synthetic proxy of ``--inner-batch`` rows per step), the
+same masks and W0, in alternating blocks. Last line: ``adversarial_step_ratio=<f> ci=<lo>-<hi>
+amortized_ratio=<f>``: adversarial/plain wall-clock per step, its 95% interval, and the mean cost per
+step with an adversarial step every ``--interval`` steps (1 + (ratio - 1) / interval).
+
     python tools/bench_pmp.py                       # debug and 50m: a few minutes on 2 cores
     python tools/bench_pmp.py --steps 2 --warmup 1 --sizes debug
+    python tools/bench_pmp.py --adversarial --sizes debug --steps 6
 """
 
 from __future__ import annotations
@@ -105,16 +113,17 @@ def _bool_storage_bytes(skip=()) -> int:
     return sum(sizes.values())
 
 
-def _interleave(run_block, steps: int, warmup: int, block: int) -> dict[str, list[tuple[float, float]]]:
+def _interleave(run_block, steps: int, warmup: int, block: int,
+                variants: tuple[str, str] = VARIANTS) -> dict[str, list[tuple[float, float]]]:
     """Per-step (wall, CPU) times of both variants: ``warmup`` untimed steps each, then alternating
     blocks of ``block`` steps in ABBA order until each has ``steps``."""
-    for v in VARIANTS:
+    for v in variants:
         if warmup:
             run_block(v, warmup)
-    times: dict[str, list] = {v: [] for v in VARIANTS}
+    times: dict[str, list] = {v: [] for v in variants}
     r = 0
-    while any(len(times[v]) < steps for v in VARIANTS):
-        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+    while any(len(times[v]) < steps for v in variants):
+        for v in variants if r % 2 == 0 else variants[::-1]:
             n = min(block, steps - len(times[v]))
             if n > 0:
                 times[v] += run_block(v, n)
@@ -276,6 +285,89 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
                 **storage)
 
 
+def _adversarial_worker(name: str, overrides: list[str], tp: int, rho: float, steps: int, warmup: int,
+                        block: int, inner_steps: int, inner_batch: int, t0: float) -> dict:
+    """One rank: plain PMP and adversarial PMP trainer states from one W0 and one random mask (``rho``),
+    ``Trainer.train`` iterations of each in alternating blocks; per-step (wall, CPU) times."""
+    global _T0
+    _T0 = t0
+    import itertools
+
+    import torch
+
+    from pmp_megatron import mcore
+    from pmp_megatron.data.proxy import load_proxy
+    from pmp_megatron.model.gpt import build_model
+    from pmp_megatron.model.params import shard_infos
+    from pmp_megatron.testing import debug_config, init_debug_parallel, synthetic_batches
+    from pmp_megatron.train.trainer import Trainer
+
+    base = [*overrides, f"parallel.tensor_model_parallel_size={tp}", "pmp.mode=pmp", f"pmp.rho={rho}"]
+    adversarial = ["pmp.adversarial.enabled=true", f"pmp.adversarial.inner_steps={inner_steps}",
+                   f"pmp.adversarial.inner_batch_size={inner_batch}",
+                   "pmp.adversarial.proxy=[synthetic:reverse:8]",
+                   "pmp.adversarial.evaluation_tasks=[synthetic:copy]"]
+    cfgs = {"plain": init_debug_parallel(base, tp), "adversarial": debug_config([*base, *adversarial], tp)}
+    for cfg in cfgs.values():
+        cfg.train.train_steps, cfg.train.eval_interval = 10**6, 0
+        cfg.logging.log_interval, cfg.checkpoint.dir = 10**9, None
+    cfg = cfgs["plain"]
+    vocab = cfg.model.vocab_size
+    batches = synthetic_batches(cfg, cfg.num_microbatches(tp), cfg.train.micro_batch_size, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: i.to_local(torch.rand(i.global_shape, generator=gen) < rho, p.shape)
+             for n, (p, i) in sorted(shard_infos(build_model(cfg), vocab).items())}
+    proxy = load_proxy(cfgs["adversarial"].pmp.adversarial.proxy, 512, vocab, cfg.model.seq_length)
+    trainers = {v: Trainer(c, batches=lambda split, consumed: itertools.repeat(batches), proxy=proxy)
+                for v, c in cfgs.items()}
+    states = {v: t.build(masks=masks) for v, t in trainers.items()}
+
+    def block_of(variant, n):
+        state = states[variant]
+        ends: list[tuple[float, float]] = []
+        mcore.barrier()
+        trainers[variant].train(state, steps=state.iteration + n + 1, on_step=lambda r: ends.append(_clock()))
+        return [_since(a, b) for a, b in zip(ends, ends[1:], strict=False)]
+
+    if mcore.tp_rank() == 0:
+        _log(f"{name}: plain vs adversarial PMP ({warmup} warmup + {steps} timed each, blocks of {block})")
+    times = _interleave(block_of, steps, warmup, block, variants=("plain", "adversarial"))
+    return dict(times=times, num_micro=len(batches), mbs=cfg.train.micro_batch_size, seq=cfg.model.seq_length,
+                proxy_width=proxy.tokens.shape[1] - 1)
+
+
+def adversarial_main(args, sizes) -> int:
+    from pmp_megatron.testing import spawn
+
+    name = sizes[0]
+    caps = SIZES[name]["caps"]
+    steps, warmup = _capped(args.steps, caps["steps"]), _capped(args.warmup, caps["warmup"])
+    ranks = spawn(_adversarial_worker, args.tp, name, SIZES[name]["overrides"], args.tp, args.rho, steps,
+                  warmup, args.block, args.inner_steps, args.inner_batch, _T0, timeout=3600.0)
+    r0 = ranks[0]
+    plain = _max_over_ranks([[t[0] for t in r["times"]["plain"]] for r in ranks])
+    adv = _max_over_ranks([[t[0] for t in r["times"]["adversarial"]] for r in ranks])
+    ratio = statistics.median(adv) / statistics.median(plain)
+    lo, hi = _ratio_ci(plain, adv)
+    amortized = 1 + (ratio - 1) / args.interval
+    print(f"Adversarial Stage II benchmark: {name}, TP={args.tp} (gloo, CPU), rho={args.rho}; training batch "
+          f"{r0['num_micro']} x {r0['mbs']} x {r0['seq']} tokens; each adversarial step: {args.inner_steps} "
+          f"keyless + {args.inner_steps} mask-only simulated AdamW steps on {args.inner_batch} proxy rows of "
+          f"{r0['proxy_width']} tokens, 2 probe passes; plain and adversarial interleaved in blocks of "
+          f"{args.block} (ABBA), medians of the slower rank, 95% bootstrap interval")
+    print(f"{'Trainer.train iteration, wall':<40}{'plain ms':>10}{'adv ms':>10}{'adv/plain':>11}"
+          f"{'95% interval':>16}")
+    print(f"{'':<40}{_median_ms(plain):>10.2f}{_median_ms(adv):>10.2f}{ratio:>11.4f}{f'{lo:.3f}-{hi:.3f}':>16}")
+    print(f"mean cost per step with pmp.adversarial.interval={args.interval}: {amortized:.4f} x plain PMP")
+    print("extra memory during an adversarial step (train/adversarial.py): 4 fp32 copies of the local "
+          "parameters with an AdamW attacker (weights to restore, outer gradient, 2 moments), 2 with SGD")
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise SystemExit(f"bench_pmp: adversarial_step_ratio={ratio} is not a finite positive number")
+    print(f"adversarial_step_ratio={ratio:.4f} ci={lo:.4f}-{hi:.4f} amortized_ratio={amortized:.4f}",
+          flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ reporting
 def _max_over_ranks(lists):
     return [max(vals) for vals in zip(*lists, strict=True)]
@@ -415,6 +507,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="debug,50m", help=f"comma-separated, of {sorted(SIZES)}")
     ap.add_argument("--rho", type=float, default=0.5, help="mask density (Stage-I top-k fraction)")
     ap.add_argument("--complement", default="decay", choices=["decay", "frozen"])
+    ap.add_argument("--adversarial", action="store_true",
+                    help="measure adversarial Stage II against plain PMP instead (first size only)")
+    ap.add_argument("--inner-steps", type=int, default=4, help="--adversarial: simulated steps per attack")
+    ap.add_argument("--inner-batch", type=int, default=8, help="--adversarial: proxy rows per simulated step")
+    ap.add_argument("--interval", type=int, default=4,
+                    help="--adversarial: steps per adversarial step for the amortized ratio")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -422,6 +520,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
     if args.steps < 1 or args.warmup < 0 or args.block < 1 or args.tp < 1:
         ap.error("--steps, --block and --tp must be >= 1, --warmup >= 0")
+    if args.inner_steps < 1 or args.inner_batch < 1 or args.interval < 1:
+        ap.error("--inner-steps, --inner-batch and --interval must be >= 1")
+    if args.adversarial:
+        return adversarial_main(args, sizes)
 
     from pmp_megatron.testing import spawn
 

@@ -34,7 +34,7 @@ A suite file (see ``configs/attacks/smoke.yaml``, ``results-cpu.yaml`` and ``ful
         lora: {rank: [8, 64], alpha: null, target_modules: [q_proj, v_proj]}
 
 Task kinds (``kind``, default ``lm``): ``lm`` (documents -> token blocks; keys source, name, max_docs,
-max_chars, json_key), ``synthetic`` (``attack.synthetic``: source copy | reverse | recall; keys length,
+max_chars, json_key), ``synthetic`` (``data.synthetic``: source copy | reverse | recall; keys length,
 num_train, num_eval), ``classify`` (``attack.classify``: num_train / num_eval paragraphs per family) and
 ``lm_eval`` (source: an lm-eval task of ``configs/evals`` or lm-eval's registry; ``train``: the suite task
 whose training split the attack trains on; ``metric`` (default acc); ``num_eval``: lm-eval's limit). A key
@@ -290,7 +290,7 @@ def _task(value: Any, where: str) -> TaskSpec:
                          f"synthetic task; the lm-eval task)")
     source = data["source"]
     if kind == "synthetic":
-        from pmp_megatron.attack.synthetic import TASKS
+        from pmp_megatron.data.synthetic import TASKS
 
         _choice(source, TASKS, f"{where}.source")
     if kind == "lm_eval" and not isinstance(data.get("train"), str):

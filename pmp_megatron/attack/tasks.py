@@ -10,7 +10,7 @@ so train and eval share at most the one document that straddles the boundary); t
 Training batches are drawn epoch by epoch from a permutation seeded by the attack seed.
 
 The other task kinds (``suite.TASK_KINDS``) become the same ``TaskData`` with labels: ``synthetic``
-(``attack.synthetic`` examples over the release's whole vocabulary, right-padded, trained and scored on the
+(``data.synthetic`` examples over the release's whole vocabulary, right-padded, trained and scored on the
 target tokens only) and ``classify`` (``attack.classify`` paragraphs encoded with the release's tokenizer,
 cut to ``seq_length``, trained and scored on the one label token). ``lm_eval`` tasks train on the data of
 the suite task they name and are scored by lm-eval (``runner``).
@@ -92,7 +92,7 @@ def load_task(spec: TaskSpec, tokenizer: ReleaseTokenizer, seq_length: int, eval
 
 def load_synthetic(spec: TaskSpec, vocab_size: int) -> TaskData:
     """A synthetic task over ``vocab_size`` ids (deterministic; train and eval disjoint)."""
-    from pmp_megatron.attack import synthetic
+    from pmp_megatron.data import synthetic
 
     task = synthetic.SyntheticTask(spec.source, vocab_size, spec.length)
     rows = {}
@@ -110,7 +110,7 @@ def load_classify(spec: TaskSpec, tokenizer: ReleaseTokenizer, seq_length: int) 
     of a family is the first token of `` <family>`` (with a small vocabulary where two coincide: the first
     token of each not taken by an earlier family)."""
     from pmp_megatron.attack import classify
-    from pmp_megatron.attack.synthetic import hf_labels
+    from pmp_megatron.data.synthetic import hf_labels
 
     try:
         label_ids = classify.label_token_ids(tokenizer.encode)

@@ -32,6 +32,7 @@ Complement policies (``pmp.complement``), then the optional projection (``pmp.pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -90,6 +91,7 @@ class MaskedUpdate:
             raise ValueError("pmp.projection_target=shrink regenerates W0 and needs model.seed (the Trainer "
                              "sets it to the run's seed)")
         self._secret_seed = secret_seed
+        self.masking = True  # False only inside ``unmasked()``
         main = _main_params(optimizer) if mixed else {}
         # (tensor the optimizer steps, mask, info) per parameter
         self.targets = [(main.get(id(p), p), p.pmp_mask, info) for p, info in self.entries]
@@ -103,7 +105,8 @@ class MaskedUpdate:
 
         def finalize_then_mask(*args, **kwargs):
             out = inner(*args, **kwargs)
-            self.mask_grads()
+            if self.masking:
+                self.mask_grads()
             return out
 
         tcfg.finalize_model_grads_func = finalize_then_mask
@@ -115,6 +118,16 @@ class MaskedUpdate:
                 opt._copy_main_params_to_model_params()  # main (edited) -> bf16/fp16 model params
             elif hasattr(opt, "_copy_model_params_to_main_params"):
                 opt._copy_model_params_to_main_params()  # fp32 model (edited) -> distributed shards
+
+    @contextlib.contextmanager
+    def unmasked(self):
+        """Gradients keep their complement entries inside this block: a simulated KEYLESS fine-tune
+        (``train/adversarial.py``) trains every entry. Nothing the optimizer steps is computed here."""
+        self.masking = False
+        try:
+            yield
+        finally:
+            self.masking = True
 
     @torch.no_grad()
     def mask_grads(self) -> None:

@@ -68,8 +68,11 @@ def forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"].to(dev))
 
 
-def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward_only: bool = False) -> float:
+def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward_only: bool = False,
+                     step_func: Callable = forward_step) -> float:
     """Run all ``microbatches`` through the pipeline schedule; return the mean token loss on every rank.
+    ``step_func`` is megatron's forward_step_func (default: the language-modelling loss); its loss function
+    reports ``{"lm loss": [sum, tokens]}`` like ``_loss_func``.
 
     ``model`` is the list of (DDP-wrapped) chunks. Each chunk gets its own iterator over the same
     microbatches: every chunk sees every microbatch once, in order, under every schedule.
@@ -77,7 +80,7 @@ def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward
     iters = [iter(microbatches) for _ in model]
     seq_len = microbatches[0]["tokens"].shape[1]
     reduced = mcore.get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=step_func,
         data_iterator=iters if len(model) > 1 else iters[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),

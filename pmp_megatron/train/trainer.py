@@ -16,7 +16,8 @@ megatron-core, resumable after any interruption and at another TP/PP/DP layout.
    first batches of the training stream and Stage II starts that stream again from its beginning: the
    rewind resets the data as well as W0;
 3. ``train``: the loop: ``train.step.train_step`` (forward-backward through megatron's schedules, the PMP
-   gradient mask inside it, the optimizer step), LR schedule, the PMP complement policy, periodic eval,
+   gradient mask inside it, the optimizer step) or, every ``pmp.adversarial.interval`` steps when it is on,
+   ``train.adversarial.Adversary.step`` (the same step against simulated keyless fine-tuning), LR schedule, the PMP complement policy, periodic eval,
    logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA; ``metrics.jsonl`` and optional
    tensorboard), checkpoints, and preemption (save, exit 42).
 
@@ -44,11 +45,13 @@ import torch.distributed as dist
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config, config_to_dict, save_config
+from pmp_megatron.data.proxy import ProxyRows, load_proxy
 from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import masks as pmp_masks
 from pmp_megatron.pmp.update import MaskedUpdate
 from pmp_megatron.train import checkpoint, resume, signals
+from pmp_megatron.train.adversarial import Adversary
 from pmp_megatron.train.discovery import DiscoveryResult, discover
 from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
 from pmp_megatron.train.step import forward_backward, train_step, wrap_ddp
@@ -69,6 +72,7 @@ class TrainState:
     scheduler: Any  # LR / weight-decay schedule of ``optimizer``
     rule: MaskedUpdate | None  # the PMP update rule; None in dense mode
     iteration: int = 0  # optimizer steps taken
+    adversary: Adversary | None = None  # adversarial Stage II (pmp.adversarial); None when off
 
 
 class Preempted(Exception):
@@ -76,10 +80,11 @@ class Preempted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, batches: BatchSource | None = None):
+    def __init__(self, cfg: Config, batches: BatchSource | None = None, proxy: ProxyRows | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
         self._source = batches
+        self._proxy = proxy  # adversarial Stage II's proxy rows (built from pmp.adversarial.proxy if None)
         self._tb = None
         self._start: resume.Start | None = None  # the checkpoint to resume from (``_resolve_start``)
         self._resolved = False
@@ -112,6 +117,8 @@ class Trainer:
             save_config(resume.public_config(self.cfg, self.seed_secret), self.run_dir / "config.yaml")
         if self._source is None:
             self._build_data()
+        if self.cfg.pmp.mode == "pmp" and self.cfg.pmp.adversarial.enabled and self._proxy is None:
+            self._proxy = self._build_proxy()
 
     def _resolve_start(self) -> None:
         """Once: the resume point, its compatibility with this config, and the W0 seed (collective)."""
@@ -147,6 +154,14 @@ class Trainer:
             d.data_path, d.split, self.cfg.model.seq_length,
             (steps * gbs, max(num_evals * t.eval_steps * gbs, gbs), 0),
             t.seed, tokenizer, d.cache_dir)
+
+    def _build_proxy(self) -> ProxyRows:
+        from pmp_megatron.data.tokenizer import Tokenizer
+
+        a, d = self.cfg.pmp.adversarial, self.cfg.data
+        tokenizer = Tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+        return load_proxy(a.proxy, a.proxy_rows, self.cfg.model.vocab_size, self.cfg.model.seq_length,
+                          tokenizer)
 
     def batches(self, split: str, consumed: int) -> Iterator[list[dict]]:
         """This DP rank's list of microbatches per global step of ``split`` ("train" or "valid"), starting
@@ -225,6 +240,11 @@ class Trainer:
             logger.info("Stage II: PMP with %.4f of the parameters trainable (complement: %s%s)",
                         pmp_masks.density(state.model, cfg.model.vocab_size), cfg.pmp.complement,
                         ", projected" if cfg.pmp.projection else "")
+            if cfg.pmp.adversarial.enabled:
+                if self._proxy is None:
+                    raise ValueError("pmp.adversarial.enabled: the Trainer has no proxy rows (setup builds "
+                                     "them from pmp.adversarial.proxy, or pass proxy=)")
+                state.adversary = Adversary(state.model, state.rule, self._proxy, cfg)
         return state
 
     def discover(self) -> DiscoveryResult:
@@ -270,7 +290,10 @@ class Trainer:
         window, t_start, first = [], time.perf_counter(), state.iteration
         while state.iteration < end:
             t0 = time.perf_counter()
-            result = train_step(state.model, state.optimizer, next(data), cfg)
+            if state.adversary is not None and state.adversary.due(state.iteration + 1):
+                result, adversarial = state.adversary.step(state.optimizer, next(data), state.iteration + 1)
+            else:
+                result, adversarial = train_step(state.model, state.optimizer, next(data), cfg), {}
             state.scheduler.step(1)
             state.iteration += 1
             iteration = state.iteration
@@ -278,7 +301,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             window.append((result.loss, dt))
             record = dict(stage="train", step=iteration, loss=result.loss, grad_norm=result.grad_norm,
-                          lr=state.optimizer.param_groups[0]["lr"], skipped=not result.ok, **extra)
+                          lr=state.optimizer.param_groups[0]["lr"], skipped=not result.ok, **adversarial,
+                          **extra)
             if iteration % cfg.logging.log_interval == 0 or iteration == end:
                 mean_dt = sum(w[1] for w in window) / len(window)
                 eta = (time.perf_counter() - t_start) / (iteration - first) * (end - iteration)

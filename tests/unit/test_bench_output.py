@@ -57,3 +57,23 @@ def test_bench_attack_reports_both_modes_and_the_ratio_of_its_own_times(tmp_path
     ratio = sum(f / s for f, s in zip(cpu["fresh"], cpu["shared"], strict=True)) / 2
     assert summary["cpu_time_ratio_fresh_over_shared"]["mean"] == pytest.approx(ratio, rel=0.05)
     assert summary["cpu_time_ratio_fresh_over_shared"]["cells"] == 2
+
+
+ADVERSARIAL_LAST_LINE = re.compile(r"adversarial_step_ratio=(\S+) ci=(\S+)-(\S+) amortized_ratio=(\S+)")
+
+
+@pytest.mark.dist  # 2 gloo processes, ~30 s
+def test_bench_pmp_adversarial_mode_prints_the_ratio_against_plain_pmp():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_pmp.py"), "--adversarial", "--steps", "2",
+         "--warmup", "1", "--sizes", "debug", "--inner-steps", "1", "--interval", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = ADVERSARIAL_LAST_LINE.fullmatch(last)
+    assert match, f"unexpected last line: {last!r}"
+    ratio, lo, hi, amortized = map(float, match.groups())
+    assert lo <= ratio <= hi and ratio > 1  # an adversarial step does a plain step's work and more
+    assert amortized == pytest.approx(1 + (ratio - 1) / 4, abs=2e-4)
+    assert "plain ms" in proc.stdout and "adv ms" in proc.stdout

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pmp_megatron.attack import classify, synthetic
-from pmp_megatron.attack.synthetic import Example, SyntheticTask
+from pmp_megatron.attack import classify
+from pmp_megatron.data import synthetic
+from pmp_megatron.data.synthetic import Example, SyntheticTask
 
 
 def _tiny_llama(vocab_size: int, seed: int = 0):
