@@ -340,9 +340,9 @@ class Config:
             return
         _check(self.pmp.mode == "pmp", "pmp.adversarial.enabled needs pmp.mode=pmp (it shapes the masked-in "
                                        "entries against keyless fine-tuning)")
-        _check(self.model.params_dtype == "float32" and not self.parallel.use_distributed_optimizer,
-               "pmp.adversarial.enabled simulates fine-tunes on the fp32 parameters with every gradient "
-               "all-reduced: it needs model.params_dtype=float32 and "
+        _check(not self.parallel.use_distributed_optimizer,
+               "pmp.adversarial.enabled simulates full fine-tunes, which need every gradient entry on every "
+               "rank; the distributed optimizer reduce-scatters them: set "
                "parallel.use_distributed_optimizer=false")
         for name in ("pmp.adversarial.interval", "pmp.adversarial.inner_steps",
                      "pmp.adversarial.inner_batch_size", "pmp.adversarial.proxy_rows"):

@@ -22,6 +22,8 @@ from pmp_megatron.attack.report import format_value, markdown_table
 from pmp_megatron.attack.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[1]
+TITLE = "Recipes experiment: does PMP resist keyless fine-tuning at this scale?"
+PREREGISTRATION = "docs/results/v2-preregistration.md"
 BLIND = ("recovery_global", "recovery_per_tensor", "recovery_seed_guess", "recovery_gradient",
          "recovery_stage1")  # the recovery attackers that do not know the W0 seed
 DECIDING = ("final_vs_dense", "final_vs_scratch", "key_advantage")
@@ -38,8 +40,9 @@ CUTS = [
 
 
 def read_metrics(run_dir: Path) -> dict:
-    """Train and valid curves (last record per step wins: a resumed run repeats steps) and Stage I."""
-    train, valid, discovery = {}, {}, {}
+    """Train and valid curves (last record per step wins: a resumed run repeats steps), Stage I, and the
+    logged Stage-II throughput."""
+    train, valid, discovery, throughput = {}, {}, {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("stage") == "discovery":
@@ -47,12 +50,15 @@ def read_metrics(run_dir: Path) -> dict:
             continue
         if rec.get("loss") is not None:
             train[rec["step"]] = rec["loss"]
+        if rec.get("tokens_per_s"):
+            throughput[rec["step"]] = rec["tokens_per_s"]
         if rec.get("valid_loss") is not None:
             valid[rec["step"]] = rec["valid_loss"]
     if not valid:
         raise RuntimeError(f"no validation loss in {run_dir / 'metrics.jsonl'}")
     return {"train": sorted(train.items()), "valid": sorted(valid.items()),
-            "discovery": [discovery[s] for s in sorted(discovery)]}
+            "discovery": [discovery[s] for s in sorted(discovery)],
+            "train_records": [{"step": s, "tokens_per_s": t} for s, t in sorted(throughput.items())]}
 
 
 def _interval(i: dict | None) -> str:
@@ -174,8 +180,12 @@ def _plot_pretraining(out: Path, metrics: dict) -> str:
 
 
 def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[str, set[str]],
-                            audits: dict[str, dict], meta: dict) -> dict:
-    """Everything in OUT from WORK's runs, results and audits; ``ids``: PMP run -> its cells' ids."""
+                            audits: dict[str, dict], meta: dict, title: str = TITLE,
+                            preregistration: str = PREREGISTRATION, cuts: list[str] = CUTS,
+                            extra=None) -> dict:
+    """Everything in OUT from WORK's runs, results and audits; ``ids``: PMP run -> its cells' ids.
+    ``extra(records, runs, metrics)``, if given, returns ``(summary entries, markdown lines)`` added to
+    the summary and to the report before its cuts."""
     suite = load_suite(REPO / "configs" / suite_path)
     out.mkdir(parents=True, exist_ok=True)
     all_ids = set().union(*ids.values())
@@ -204,6 +214,7 @@ def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[st
                       "tasks": summary["decision"]["tasks"], "complete": len(mine) == len(cell_ids),
                       "key_privacy": key_privacy(audits[name]) if name in audits else {},
                       "stage1": stage1(metrics[name]), "ablations": ablations(mine, model_id)}
+    added, added_lines = extra(records, runs, metrics) if extra is not None else ({}, [])
     summary = {"headline": {n: {"verdict": r["verdict"], "base_loss_ratio": r["base_loss_ratio"]}
                             for n, r in runs.items()},
                "best": best_recipes(runs), "runs": runs, "not_attacked_yet": waiting,
@@ -211,23 +222,24 @@ def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[st
                "cell_seconds": round(sum(r.get("wall_s") or 0.0 for r in records)), "meta": meta,
                "rule": None if suite.decision is None else {
                    side: [f"{c.statistic} {c}" for c in getattr(suite.decision, side)]
-                   for side in ("resists", "does_not_resist")}}
+                   for side in ("resists", "does_not_resist")}, **added}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot = _plot_pretraining(out, metrics)
-    (out / "report.md").write_text(_markdown(summary, dirs, plot))
+    (out / "report.md").write_text(_markdown(summary, dirs, plot, title, preregistration, cuts, added_lines))
     return summary
 
 
-def _markdown(summary: dict, dirs: dict, plot: str) -> str:
+def _markdown(summary: dict, dirs: dict, plot: str, title: str, preregistration: str, cuts: list[str],
+              added_lines: list[str]) -> str:
     runs, best, meta = summary["runs"], summary["best"], summary["meta"]
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
-    lines = ["# Recipes experiment: does PMP resist keyless fine-tuning at this scale?", ""]
+    lines = [f"# {title}", ""]
     if not meta.get("complete"):
         lines += ["**PARTIAL**: the budget ran out before every run and cell finished; rerun the command to "
                   "continue. Verdicts below use the cells that exist"
                   + (f"; not attacked yet: {', '.join(summary['not_attacked_yet'])}"
                      if summary["not_attacked_yet"] else "") + ".", ""]
-    lines += ["## Verdicts (pre-registered rule, docs/results/v2-preregistration.md)", ""]
+    lines += [f"## Verdicts (pre-registered rule, {preregistration})", ""]
     rows = [[n, (r["verdict"] or "-") + ("" if r["complete"] else
                                          f" (partial: {r['cells'][0]}/{r['cells'][1]} cells)"),
              format_value(r["base_loss_ratio"], 3)] +
@@ -266,12 +278,12 @@ def _markdown(summary: dict, dirs: dict, plot: str) -> str:
              format_value(r["stage1"].get("embedding_row_coverage"), 3)] for n, r in runs.items()]
     lines += markdown_table(["recipe", "steps", "last IoU", "input-embedding rows with a trainable entry"],
                             rows)
-    lines += ["", "## Mechanism ablations (reference run; paired difference of best scores)", ""]
-    for n, r in runs.items():
-        for t, entry in r["ablations"].items():
-            for name, i in entry.items():
-                lines.append(f"- {n} / {t}: {name} = {_interval(i)}")
-    lines += ["", "## What was cut to fit", "", *[f"- {c}" for c in CUTS], "",
+    ablation_lines = [f"- {n} / {t}: {name} = {_interval(i)}" for n, r in runs.items()
+                      for t, entry in r["ablations"].items() for name, i in entry.items()]
+    if ablation_lines:
+        lines += ["", "## Mechanism ablations (reference run; paired difference of best scores)", "",
+                  *ablation_lines]
+    lines += ["", *added_lines, "## What was cut to fit", "", *[f"- {c}" for c in cuts], "",
               f"Cells: {summary['cells']} ({summary['cell_seconds'] / 3600:.1f} cell-hours). "
               f"This invocation: {meta['this_invocation_s']} (budget {meta['budget_minutes']} min, "
               f"{meta['cpus']} CPUs, torch {meta['torch']}).", "", f"![pretraining]({plot})", "",

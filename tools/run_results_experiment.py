@@ -105,7 +105,9 @@ def experiment_seed_file(work: Path) -> Path:
     return path
 
 
-def pretrain_command(work: Path, name: str, scale: Scale) -> list[str]:
+def pretrain_command(work: Path, name: str, scale: Scale, runs: dict[str, str] = RUNS,
+                     extra: tuple[str, ...] = ()) -> list[str]:
+    """The pretraining command of run ``name`` (recipe ``runs[name]``) with ``extra`` overrides last."""
     from pmp_megatron.mcore import free_port
 
     data = work / "data"
@@ -121,13 +123,13 @@ def pretrain_command(work: Path, name: str, scale: Scale) -> list[str]:
             # the reference's projection at a size-free per-entry scale, 50 projections (redraws) per run
             "pmp.projection_target=rms", f"pmp.projection_rms={scale.projection_rms}",
             f"pmp.projection_interval={scale.projection_interval}",
-            f"pmp.redraw_interval={scale.redraw_interval}", *scale.extra]
+            f"pmp.redraw_interval={scale.redraw_interval}", *scale.extra, *extra]
     if scale.discovery_max_steps is not None:
         args.append(f"pmp.discovery.max_steps={scale.discovery_max_steps}")
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
             f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
             "--config", str(CONFIGS / scale.model_config),
-            "--config", str(CONFIGS / "pmp" / RUNS[name]), *args]
+            "--config", str(CONFIGS / "pmp" / runs[name]), *args]
 
 
 def matched_command(work: Path, scale: Scale) -> list[str]:
@@ -160,12 +162,13 @@ class Budget:
         return self.left() <= 0
 
 
-def pretrain_all(work: Path, scale: Scale, budget: Budget) -> bool:
-    """Every pretraining run and the dense-matched search (once the reference run is done),
-    ``concurrent_runs`` jobs at a time, one torch thread each; skip finished ones. False: the budget ran
-    out with jobs not started (running ones are finished)."""
-    jobs = {n: pretrain_command for n in RUNS if not _finished(work / "runs" / n, scale.train_steps)}
-    if _matched_dir(work) is None:
+def pretrain_all(work: Path, scale: Scale, budget: Budget, runs: dict[str, str] = RUNS, matched: bool = True,
+                 extra: dict[str, tuple[str, ...]] | None = None) -> bool:
+    """Every pretraining run of ``runs`` and (``matched``) the dense-matched search once the reference run
+    is done, ``concurrent_runs`` jobs at a time, one torch thread each; skip finished ones. ``extra``: run
+    name -> its own overrides. False: the budget ran out with jobs not started (running ones finish)."""
+    jobs = {n: pretrain_command for n in runs if not _finished(work / "runs" / n, scale.train_steps)}
+    if matched and _matched_dir(work) is None:
         jobs["dense-matched"] = None
     (work / "logs").mkdir(parents=True, exist_ok=True)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
@@ -182,7 +185,7 @@ def pretrain_all(work: Path, scale: Scale, budget: Budget) -> bool:
             if name == "dense-matched":
                 cmd = matched_command(work, scale)
             else:
-                cmd = pretrain_command(work, name, scale)
+                cmd = pretrain_command(work, name, scale, runs, (extra or {}).get(name, ()))
             log = open(work / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the job ends)
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[name] = (proc, time.time(), log)
@@ -209,23 +212,23 @@ def pretrain_all(work: Path, scale: Scale, budget: Budget) -> bool:
     return not jobs
 
 
-def release_all(work: Path, adaptive: bool) -> dict[str, dict]:
-    """Release every run and the dense-matched control; export each PMP key (0600, WORK/private) and audit
-    its release with every recovery attacker (WORK/audits/<run>.json, owner-side)."""
+def release_all(work: Path, adaptive: bool, runs: dict[str, str] = RUNS) -> dict[str, dict]:
+    """Release every run of ``runs`` and the dense-matched control (if searched); export each PMP key (0600,
+    WORK/private) and audit its release with every recovery attacker (WORK/audits/<run>.json, owner-side)."""
     from pmp_megatron.release.adaptive_recovery import AdaptiveAudit
     from pmp_megatron.release.audit import audit_release
     from pmp_megatron.release.from_checkpoint import release
     from pmp_megatron.release.key_export import export_mask
 
     audits = {}
-    sources = {n: work / "runs" / n for n in RUNS}
+    sources = {n: work / "runs" / n for n in runs}
     if _matched_dir(work) is not None:
         sources["dense-matched"] = _matched_dir(work)
     for name, run in sources.items():
         rel = work / "release" / name
         if not (rel / "config.json").is_file():
             release(run, rel, overwrite=True)
-        if name not in PMP_RUNS:
+        if name not in runs or name == "dense":
             continue
         key = work / "private" / f"{name}.safetensors"
         if not key.is_file():
@@ -241,14 +244,15 @@ def release_all(work: Path, adaptive: bool) -> dict[str, dict]:
     return audits
 
 
-def variant_cells(work: Path, scale: Scale, name: str):
+def variant_cells(work: Path, scale: Scale, name: str, suite: str | None = None):
     """The cells of one PMP release (with the controls, shared between releases by cell id) and their
-    context. The key and the ablation attackers get the full fine-tuning adversaries only."""
+    context, on ``suite`` (default: the scale's). The key and the ablation attackers get the full
+    fine-tuning adversaries only."""
     from pmp_megatron.attack.run import prepare
 
     attackers = [KEYLESS, KEY, *(ABLATIONS if name == REFERENCE else [])]
     matched = work / "release" / "dense-matched"
-    cells, ctx = prepare(str(CONFIGS / scale.suite), str(work / "release" / name),
+    cells, ctx = prepare(str(CONFIGS / (suite or scale.suite)), str(work / "release" / name),
                          dense_model=str(work / "release" / "dense"),
                          dense_matched_model=str(matched) if name == REFERENCE and matched.is_dir() else None,
                          mask=str(work / "private" / f"{name}.safetensors"), attackers=attackers,
@@ -257,17 +261,18 @@ def variant_cells(work: Path, scale: Scale, name: str):
     return cells, ctx
 
 
-def attack_all(work: Path, scale: Scale, budget: Budget) -> tuple[dict[str, set[str]], bool]:
-    """Run the suite on every PMP release, the reference first; return (run -> its cell ids, complete)."""
+def attack_all(work: Path, scale: Scale, budget: Budget, names: list[str] = PMP_RUNS,
+               suite: str | None = None) -> tuple[dict[str, set[str]], bool]:
+    """Run the suite on the PMP releases ``names`` in order; return (run -> its cell ids, complete)."""
     from pmp_megatron.attack.execute import pending_cells, run_cells
 
     ids: dict[str, set[str]] = {}
     complete = True
-    for name in PMP_RUNS:
+    for name in names:
         if not (work / "release" / name / "config.json").is_file():
             complete = False
             continue
-        cells, ctx = variant_cells(work, scale, name)
+        cells, ctx = variant_cells(work, scale, name, suite)
         ids[name] = {c.id for c in cells}
         todo = pending_cells(cells, work / "results.jsonl")
         if todo and budget.over():

@@ -23,10 +23,16 @@ if it is taken at W).
 The draw of an adversarial step (lr, the rows of each inner step and the probe) is a function of
 ``train.seed`` and the step number: a resumed run repeats it exactly, and there is no state to save.
 
-Memory beyond plain Stage II while an adversarial step runs: one copy of the weights (W, to restore),
-one of the gradients (the outer sum), and with an AdamW attacker its two moments (freed after each
-attack): 4 extra fp32 copies of this rank's parameters at peak (2 with SGD). Time: one adversarial step
-is ~(2K + 3) forward-backward passes over ``inner_batch_size`` rows plus one over the training batch.
+The simulated fine-tunes step the model's own parameters (bf16 ones rounded once a step; moments and
+update math in fp32), not the optimizer's fp32 main copies, which only the outer update changes. The
+distributed optimizer is refused: its reduce-scatter leaves each rank the reduced gradient of its own
+shard only, and a simulated full fine-tune needs all of it.
+
+Memory beyond plain Stage II while an adversarial step runs: one copy of the weights (W, to restore,
+in their dtype), one of the gradients (the outer sum, fp32), and with an AdamW attacker its two fp32
+moments (freed after each attack): 4 extra copies of this rank's parameters at peak (2 with SGD).
+Time: one adversarial step is ~(2K + 2) forward-backward passes over ``inner_batch_size`` proxy rows plus
+one over the training batch (``tools/bench_pmp.py --adversarial`` measures it).
 """
 
 from __future__ import annotations
@@ -190,7 +196,9 @@ class Adversary:
         mask-only. Leaves the weights it reached; the caller restores."""
         a = self.cfg.pmp.adversarial
         adam = a.inner_optimizer == "adamw"
-        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params] if adam else None
+        # fp32 moments and update math whatever the parameters' dtype (bf16 weights are rounded once a step)
+        moments = ([(torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
+                    for p in self.params] if adam else None)
         for k in range(a.inner_steps):
             for m in self.model:
                 m.zero_grad_buffer()
@@ -205,14 +213,14 @@ class Adversary:
                 b1, b2 = ADAM_BETAS
                 c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
                 for p, (m1, m2) in zip(self.params, moments, strict=True):
-                    g = p.main_grad * scale
+                    g = p.main_grad.float() * scale
                     m1.lerp_(g, 1 - b1)
                     m2.mul_(b2).addcmul_(g, g, value=1 - b2)
                     denom = (m2.sqrt() / math.sqrt(c2)).add_(ADAM_EPS)
-                    p.addcdiv_(m1, denom, value=-plan.lr / c1)
+                    p.copy_(p.float().addcdiv_(m1, denom, value=-plan.lr / c1))  # fp32: p itself, in place
             else:
                 for p in self.params:
-                    p.add_(p.main_grad, alpha=-plan.lr * scale)
+                    p.copy_(p.float().add_(p.main_grad.float(), alpha=-plan.lr * scale))
 
     def _clip_scale(self) -> float:
         """The factor that clips this gradient to ``inner_clip_grad`` (global norm over the model-parallel

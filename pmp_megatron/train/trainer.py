@@ -17,7 +17,8 @@ megatron-core, resumable after any interruption and at another TP/PP/DP layout.
    rewind resets the data as well as W0;
 3. ``train``: the loop: ``train.step.train_step`` (forward-backward through megatron's schedules, the PMP
    gradient mask inside it, the optimizer step) or, every ``pmp.adversarial.interval`` steps when it is on,
-   ``train.adversarial.Adversary.step`` (the same step against simulated keyless fine-tuning), LR schedule, the PMP complement policy, periodic eval,
+   ``train.adversarial.Adversary.step`` (the same step against simulated keyless fine-tuning), LR schedule,
+   the PMP complement policy, periodic eval,
    logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA; ``metrics.jsonl`` and optional
    tensorboard), checkpoints, and preemption (save, exit 42).
 

@@ -205,16 +205,17 @@ def test_simulated_fine_tunes_and_outer_gradient_match_the_reference(layout, opt
         assert torch.count_nonzero(r["grad"][n][~m]) == 0, n
 
 
-def _complement(policy):
-    """At TP2: W0, then one adversarial step and, on a second model from the same W0, one plain Stage-II
-    step: the weights after each."""
+def _complement(policy, extra):
+    """At TP2 (with ``extra``): W0, then one adversarial step and, on a second model from the same W0, one
+    plain Stage-II step: the weights after each."""
     from pmp_megatron.model.params import gather_full
     from pmp_megatron.testing import synthetic_batches
     from pmp_megatron.train.step import train_step
 
     out = {}
     for kind in ("adversarial", "plain"):
-        cfg, model, opt, rule, adv, infos = _setup([*LAYOUTS["tp2"], f"pmp.complement={policy}"], 2)
+        overrides = [*LAYOUTS["tp2"], f"pmp.complement={policy}", *extra]
+        cfg, model, opt, rule, adv, infos = _setup(overrides, 2)
         w0 = gather_full({n: (p.detach().clone(), i) for n, (p, i) in infos.items()})
         batches = synthetic_batches(cfg, 2, 2, seed=5)
         if kind == "adversarial":
@@ -228,9 +229,11 @@ def _complement(policy):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("policy", ["frozen", "decay"])
-def test_outer_update_leaves_the_complement_to_its_policy(policy):
-    r = spawn(_complement, 2, policy)[0]
+@pytest.mark.parametrize("policy,dtype", [("frozen", "float32"), ("decay", "float32"),
+                                          ("frozen", "bfloat16")])
+def test_outer_update_leaves_the_complement_to_its_policy(policy, dtype):
+    """bf16: the simulated fine-tunes step the bf16 model weights, the outer update the fp32 main copies."""
+    r = spawn(_complement, 2, policy, [f"model.params_dtype={dtype}"])[0]
     moved = 0
     for n, m in r["masks"].items():
         adv, plain, w0 = r["adversarial"][n], r["plain"][n], r["w0"][n]

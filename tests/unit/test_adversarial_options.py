@@ -48,7 +48,6 @@ def test_a_jsonl_proxy_is_the_same_task_by_path(tmp_path):
 
 @pytest.mark.parametrize("overrides,named", [
     (["pmp.mode=dense"], "pmp.adversarial.enabled needs pmp.mode=pmp"),
-    (["model.params_dtype=bfloat16"], "model.params_dtype=float32"),
     (["parallel.use_distributed_optimizer=true"], "parallel.use_distributed_optimizer=false"),
     (["pmp.adversarial.proxy=[]"], r"pmp\.adversarial\.proxy is empty"),
     (["pmp.adversarial.evaluation_tasks=[]"], r"pmp\.adversarial\.evaluation_tasks is empty"),
@@ -113,3 +112,24 @@ def test_each_step_draws_its_own_lr_and_rows_with_the_probe_apart():
     assert not set(small.probe.tolist()) & set(small.rows.flatten().tolist())
     other_seed = load_config(DEBUG, [*ON, "train.seed=7"])
     assert draw(other_seed, 1, 100).lr != draw(load_config(DEBUG, ON), 1, 100).lr
+
+
+def test_the_adversarial_recipe_is_accumulated_plus_its_own_section_and_names_the_suites_tasks():
+    from pmp_megatron.attack.suite import load_suite
+    from pmp_megatron.config import config_to_dict
+
+    pmp_dir = ROOT / "configs" / "pmp"
+    recipe, base = load_config(pmp_dir / "adversarial.yaml"), load_config(pmp_dir / "accumulated.yaml")
+    a, b = config_to_dict(recipe), config_to_dict(base)
+    assert a["pmp"].pop("adversarial") != b["pmp"].pop("adversarial")
+    assert a == b  # only pmp.adversarial differs
+    adv = recipe.pmp.adversarial
+    assert adv.enabled and (adv.interval, adv.inner_steps, adv.inner_lr) == (2, 8, [1e-4, 1e-3])
+    declared = {task_identity(t) for t in adv.evaluation_tasks}
+    for suite_file in ("recipes-cpu.yaml", "adversarial-cpu.yaml", "adversarial-smoke.yaml"):
+        suite = load_suite(ROOT / "configs" / "attacks" / suite_file)
+        for task in [*suite.tasks, suite.pretraining_eval]:
+            spelled = {"lm": task.source, "synthetic": f"synthetic:{task.source}",
+                       "classify": f"classify:{task.name}"}[task.kind]
+            assert task_identity(spelled) in declared, (suite_file, spelled)
+    assert not declared & {task_identity(p) for p in adv.proxy}

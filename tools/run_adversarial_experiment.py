@@ -1,0 +1,124 @@
+"""The adversarial Stage II experiment (docs/results/adversarial): one resumable command on CPU.
+
+    python tools/run_adversarial_experiment.py [--work runs/results-v2] [--out docs/results/adversarial]
+                                               [--scale full|smoke] [--budget-minutes 150]
+
+Plan and decision rules: ``docs/results/adversarial-preregistration.md`` (committed before the first run).
+It extends the recipes experiment (``tools/run_results_experiment.py``) in the same work directory: the
+same secret W0, data and scale; the ``dense`` and ``accumulated`` runs, their releases, the key and the
+attack cells of that experiment are reused where they exist (cells are shared by id) and made where they
+do not (a fresh work directory, e.g. ``--scale smoke``). One new run, ``adversarial``
+(``configs/pmp/adversarial.yaml``), is pretrained, released, its key exported (0600) and audited; then
+``configs/attacks/adversarial-cpu.yaml`` attacks ``accumulated`` and ``adversarial`` next to the controls,
+and the report (the recipes rule on both, the paired comparison, held-out adversaries) goes to ``--out``:
+text and PNG only.
+
+Resumable like the recipes experiment; ``--budget-minutes`` stops starting new work and writes a report
+marked partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import run_results_experiment as recipes  # noqa: E402
+
+logger = logging.getLogger("pmp_megatron.results")
+
+RUNS = {"dense": "dense.yaml", "accumulated": "accumulated.yaml", "adversarial": "adversarial.yaml"}
+PMP_RUNS = ["accumulated", "adversarial"]
+SUITES = {"full": "attacks/adversarial-cpu.yaml", "smoke": "attacks/adversarial-smoke.yaml"}
+# per scale, overrides of the adversarial run on top of its recipe (smoke: a debug-sized simulation)
+EXTRA = {"full": (), "smoke": ("pmp.adversarial.inner_steps=2", "pmp.adversarial.proxy_rows=64")}
+TITLE = "Adversarial Stage II: does training against simulated keyless fine-tuning make PMP resist it?"
+PREREGISTRATION = "docs/results/adversarial-preregistration.md"
+CUTS = [
+    "one pretraining seed per run (base quality has no interval); 3 attack seeds;",
+    "the ~4M-parameter model, 400 Stage-II steps of 16 x 128 tokens (see the recipes experiment);",
+    "8 simulated fine-tuning steps per adversarial step (TAR: 64), an adversarial step every 2nd step, no "
+    "sweep of the penalty weights;",
+    "algorithmic proxies only (synthetic reverse and recall): the text and classification tasks test "
+    "transfer;",
+    "no dense-matched control for these runs; keyless adversaries of 80 steps only.",
+]
+
+
+def simulated(scale: str) -> dict:
+    """The simulated attack the adversarial run trained against (its resolved settings)."""
+    from pmp_megatron.config import load_config
+
+    cfg = load_config(REPO / "configs" / "pmp" / RUNS["adversarial"], list(EXTRA[scale]))
+    a = cfg.pmp.adversarial
+    return {"inner_steps": a.inner_steps, "inner_optimizer": a.inner_optimizer, "inner_lr": list(a.inner_lr),
+            "interval": a.interval, "objective": a.objective, "proxy": list(a.proxy)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/results-v2",
+                        help="the recipes experiment's work dir (checkpoints, releases, keys; not committed)")
+    parser.add_argument("--out", default="docs/results/adversarial", help="report, plots, summary, results")
+    parser.add_argument("--scale", choices=sorted(recipes.SCALES), default="full")
+    parser.add_argument("--budget-minutes", type=float, default=150.0,
+                        help="start no new work after this many minutes of this invocation (default 150)")
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive key attackers' audits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    scale = recipes.SCALES[args.scale]
+    work, out = Path(args.work).resolve(), Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    budget, timings = recipes.Budget(args.budget_minutes), {}
+    from pmp_megatron.data.prepare import prepare_builtin
+
+    logger.info("[1/5] corpora + tokenizer (vocab %d) -> %s", scale.vocab, work / "data")
+    prepare_builtin(work / "data", scale.vocab, max_docs=scale.max_docs, max_chars=scale.max_chars)
+    logger.info("[2/5] pretraining (finished runs are skipped): %s", ", ".join(RUNS))
+    t = time.time()
+    pretrained = recipes.pretrain_all(work, scale, budget, RUNS, matched=False,
+                                      extra={"adversarial": EXTRA[args.scale]})
+    timings["pretraining_s"] = round(time.time() - t)
+    logger.info("[3/5] releases, keys, audits")
+    t = time.time()
+    audits = recipes.release_all(work, not args.no_adaptive, RUNS) if pretrained else {}
+    timings["release_audit_s"] = round(time.time() - t)
+    logger.info("[4/5] attack suite %s", SUITES[args.scale])
+    t = time.time()
+    ids, attacked = (recipes.attack_all(work, scale, budget, PMP_RUNS, SUITES[args.scale]) if pretrained
+                     else ({}, False))
+    timings["attacks_s"] = round(time.time() - t)
+    logger.info("[5/5] report -> %s", out)
+    from adversarial_report import comparison
+    from results_report import write_experiment_report
+
+    sim = simulated(args.scale)
+    meta = {"command": f"python tools/run_adversarial_experiment.py --scale {args.scale}",
+            "scale": args.scale, "scale_settings": asdict(scale), "adversarial_overrides": EXTRA[args.scale],
+            "complete": pretrained and attacked, "budget_minutes": args.budget_minutes,
+            "this_invocation_s": {**timings, "total_s": round(time.time() - budget.start)},
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": __import__("torch").__version__}
+    if not ids:
+        logger.warning("nothing attacked yet (budget reached); rerun to continue")
+        return 3
+    summary = write_experiment_report(
+        work, out, SUITES[args.scale], ids, audits, meta, title=TITLE, preregistration=PREREGISTRATION,
+        cuts=CUTS, extra=lambda records, runs, metrics: comparison(records, runs, metrics, sim))
+    logger.info("done in %.0f s%s: %s", time.time() - budget.start, "" if meta["complete"] else
+                " (PARTIAL: rerun to continue)", out / "report.md")
+    print(json.dumps(summary["headline"], indent=2))  # noqa: T201
+    return 0 if meta["complete"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
