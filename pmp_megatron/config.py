@@ -28,7 +28,7 @@ from pmp_megatron.atomic import write_text_atomic
 
 __all__ = [
     "ModelConfig", "ParallelConfig", "DiscoveryConfig", "AdversarialConfig", "PMPConfig", "DataConfig",
-    "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "Config",
+    "OptimConfig", "TrainConfig", "CheckpointConfig", "ReleaseConfig", "LoggingConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "load_yaml",
     "parse_split", "resume_differences", "RESUME_FIXED",
 ]
@@ -207,6 +207,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """What ``pmp-release`` writes into the release's model card (``release/model_card.py``)."""
+
+    license: str = "other"  # SPDX id or Hugging Face license tag, e.g. apache-2.0, llama3, other
+    model_name: str | None = None  # the card's title (None: the release directory's name)
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 10  # steps between log lines
     tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled)
@@ -222,6 +230,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # batch sizes and step counts
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)  # the release's model card
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # logging
 
     def data_parallel_size(self, world_size: int) -> int:

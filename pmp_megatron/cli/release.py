@@ -42,7 +42,13 @@ def release(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", help="checkpoint.dir of a run")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest valid one")
     parser.add_argument("--out", help="output release directory")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default float32, what was trained and evaluated; the model "
+                             "card says which)")
+    parser.add_argument("--license", default=None,
+                        help="the model card's license (SPDX id / HF tag; default: release.license)")
+    parser.add_argument("--name", default=None,
+                        help="the model card's title (default: release.model_name, else the --out name)")
     parser.add_argument("--tokenizer-model", default=None, help="default: the run's data.tokenizer_model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--mask", default=None, help="the owner's private mask file: run the leakage audit")
@@ -94,7 +100,8 @@ def release(argv: list[str]) -> int:
         out = run(args.checkpoint, args.out, iteration=args.iteration, dtype=args.dtype,
                   tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, mask=args.mask,
                   audit_seed=args.audit_seed, init_attack=not args.no_init_attack,
-                  warn_level=args.warn_level, owner_dir=args.owner_dir)
+                  warn_level=args.warn_level, owner_dir=args.owner_dir, license=args.license,
+                  model_name=args.name)
         sys.stdout.write(f"wrote release {out}\n")
         if args.mask is None:
             return 0

@@ -33,6 +33,7 @@ import torch
 from pmp_megatron import mcore
 from pmp_megatron.config import Config
 from pmp_megatron.release.hf_llama import canonical_shapes, hf_shapes, to_hf
+from pmp_megatron.release.model_card import CardInfo
 from pmp_megatron.release.writer import owner_dir_of, write_release
 from pmp_megatron.train import checkpoint
 
@@ -138,7 +139,8 @@ def key_record(cfg: Config, common: dict) -> dict:
 def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = None, dtype: str = "float32",
             tokenizer_model: str | None = None, overwrite: bool = False, mask: str | Path | None = None,
             audit_seed: int | None = None, init_attack: bool = True, warn_level: float = 0.5,
-            max_shard_bytes: int = 2 * 1024**3, owner_dir: str | Path | None = None) -> Path:
+            max_shard_bytes: int = 2 * 1024**3, owner_dir: str | Path | None = None,
+            license: str | None = None, model_name: str | None = None) -> Path:
     """Write the dense Hugging Face release of a checkpoint; return its directory. Never includes a mask.
 
     The release directory gets the public files only; the manifest (checkpoint path, pmp mode, tensor
@@ -147,7 +149,8 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
     ``data.tokenizer_model``. With ``mask`` (the owner's private key file, which must belong to this PMP
     checkpoint) the leakage audit (``release.audit``) runs on the written release and its report goes to
     ``OWNER/release_audit.json``; the init-regeneration attacker uses the key's W0 seed (``audit_seed`` only
-    for a v1 key without one) unless ``init_attack`` is False.
+    for a v1 key without one) unless ``init_attack`` is False. The model card takes its license and name
+    from the run's ``release.*`` unless ``license`` / ``model_name`` are given.
     """
     from pmp_megatron.release import audit
 
@@ -194,9 +197,13 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
     }
     stream = (pair for name, t in iter_canonical_tensors(ckpt_root, iteration)
               for pair in to_hf(name, t, cfg.model))
-    out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=tokenizer_model,
-                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, owner_dir=owner)
     num = sum(math.prod(s) for s in canonical_shapes(cfg.model).values())
+    card = CardInfo(name=model_name or cfg.release.model_name or Path(out_dir).resolve().name,
+                    license=license or cfg.release.license, dtype=dtype, pmp=cfg.pmp.mode == "pmp",
+                    steps=iteration, tokens=iteration * cfg.train.global_batch_size * cfg.model.seq_length,
+                    num_parameters=num)
+    out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=tokenizer_model,
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, owner_dir=owner, card=card)
     logger.info("released %s iteration %d (%d parameters, %s) to %s; owner files in %s", ckpt_root, iteration,
                 num, dtype, out, owner)
     if mask is not None:

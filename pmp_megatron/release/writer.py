@@ -9,7 +9,8 @@ and renamed into place, so a reader never sees a half-written release.
 
 The release directory holds PUBLIC files only (``PUBLIC_FILES``): ``model.safetensors`` (or
 ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``), ``config.json``,
-``generation_config.json`` and the tokenizer files. The ``release_manifest.json`` -- every tensor with
+``generation_config.json``, the tokenizer files and the model card ``README.md`` (``model_card.py``).
+The ``release_manifest.json`` -- every tensor with
 shape, dtype, file and the sha256 of its bytes, the file hashes, and the ``source`` record (the owner's
 checkpoint path, pmp mode, layout) -- goes to the OWNER's directory (``owner_dir``, default the sibling
 ``<out>.owner/``, mode 0700), never into the release. ``overwrite`` never replaces a directory that holds
@@ -33,13 +34,16 @@ from safetensors.torch import save_file
 from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.pmp.maskfile import is_key_file
+from pmp_megatron.release import model_card
 from pmp_megatron.release import tokenizer as hf_tokenizer
 from pmp_megatron.release.hf_llama import hf_config, hf_shapes, torch_dtype
+from pmp_megatron.release.model_card import CARD_FILE, CardInfo
 
 MANIFEST = "release_manifest.json"  # in the owner directory, never in the release
 FORMAT = "pmp_megatron.release/2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-PUBLIC_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
+PUBLIC_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
+                *TOKENIZER_FILES)
 
 
 def is_public_file(name: str) -> bool:
@@ -151,9 +155,10 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, model_cfg: ModelConfig,
                   dtype: str, source: dict, tokenizer_model: str | None = None,
                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
-                  owner_dir: str | Path | None = None) -> Path:
+                  owner_dir: str | Path | None = None, card: CardInfo | None = None) -> Path:
     """Consume (HF name, tensor) pairs and write the release directory ``out_dir``; return its path. The
-    manifest (with ``source``) goes to ``owner_dir`` (default ``<out>.owner``, mode 0700)."""
+    manifest (with ``source``) goes to ``owner_dir`` (default ``<out>.owner``, mode 0700); ``card``, if
+    given, becomes the model card ``README.md``."""
     out_dir = Path(out_dir).resolve()
     cast = torch_dtype(dtype)
     if max_shard_bytes < 1:
@@ -206,6 +211,8 @@ def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Pa
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_model is not None:
             hf_tokenizer.write_tokenizer(tokenizer_model, tmp, model_max_length=model_cfg.seq_length)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(model_card.render(card, model_cfg))
 
         for name, rec in records.items():
             rec["file"] = where[name]
