@@ -331,16 +331,13 @@ class Config:
                "entries' magnitudes; a projection would shrink them again)")
         if pmp.mode == "pmp" and pmp.rho is not None and d.embedding == "trainable":
             _check(pmp.rho < 1.0, "pmp.discovery.embedding=trainable with pmp.rho=1 masks nothing; drop one")
-        edits = [name for name, on in (("pmp.complement=frozen", pmp.complement == "frozen"),
-                                       ("pmp.complement=redraw", pmp.complement == "redraw"),
-                                       ("pmp.projection=true", pmp.projection)) if on]
         half = self.model.params_dtype != "float32"
-        _check(pmp.mode != "pmp" or not edits or not half or not self.parallel.use_distributed_optimizer,
-               f"{' and '.join(edits)} with model.params_dtype={self.model.params_dtype} and "
-               "parallel.use_distributed_optimizer=true: the complement policy edits the optimizer's fp32 "
-               "main copies, and the distributed optimizer's sharded ones are not edited yet; set "
-               "parallel.use_distributed_optimizer=false or model.params_dtype=float32 (or use "
-               "pmp.complement=decay without pmp.projection)")
+        _check(pmp.mode != "pmp" or pmp.complement != "redraw" or not half
+               or not self.parallel.use_distributed_optimizer,
+               f"pmp.complement=redraw with model.params_dtype={self.model.params_dtype} and "
+               "parallel.use_distributed_optimizer=true: the redraw draws from whole tensors, and the "
+               "distributed optimizer's fp32 main copies hold a share of each; set "
+               "parallel.use_distributed_optimizer=false or model.params_dtype=float32")
 
     def _validate_adversarial(self) -> None:
         """``pmp.adversarial``: where it can run, its numbers, and a proxy apart from the evaluation."""

@@ -94,30 +94,6 @@ def test_projection_bounds_the_global_complement_norm(layout):
     assert 2.0 * (1 - LR * WD) - 1e-6 <= full_norm <= 2.0 + 1e-6
 
 
-def _bf16_distopt_frozen():
-    from pmp_megatron.pmp.update import MaskedUpdate
-    from pmp_megatron.testing import attach_random_masks, init_debug_model
-    from pmp_megatron.train.optimizer import build_optimizer
-    from pmp_megatron.train.step import wrap_ddp
-
-    try:  # Config.validate refuses it, before any compute; MaskedUpdate would too
-        cfg, chunks = init_debug_model(["pmp.mode=pmp", "pmp.rho=0.5", "pmp.complement=frozen",
-                                        "model.params_dtype=bfloat16",
-                                        "parallel.use_distributed_optimizer=true"], 1)
-        model = wrap_ddp(chunks, cfg)
-        attach_random_masks(chunks, cfg, density=0.5)
-        MaskedUpdate(model, build_optimizer(model, cfg), cfg)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-@pytest.mark.dist
-def test_unsupported_mixed_precision_distopt_policy_is_refused_by_name():
-    message = spawn(_bf16_distopt_frozen, 1)[0]
-    assert message is not None and "parallel.use_distributed_optimizer" in message
-
-
 def _unmasked_model():
     from pmp_megatron.pmp.update import MaskedUpdate
     from pmp_megatron.testing import init_debug_model

@@ -201,17 +201,18 @@ def test_recipe_options_that_cannot_combine_fail_before_compute(overrides, named
                                       "pmp.redraw_interval=4"])
 
 
-@pytest.mark.parametrize("policy", [
-    ["pmp.complement=frozen"], ["pmp.complement=redraw", "train.train_steps=8", "pmp.redraw_interval=4"],
-    ["pmp.projection=true"], ["pmp.complement=frozen", "pmp.projection=true"]])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_complement_edits_with_half_params_and_the_distributed_optimizer_fail_before_compute(policy, dtype):
-    """MaskedUpdate cannot edit the distributed optimizer's sharded fp32 copies yet: the combination is
-    refused by Config.validate, naming the fields, before Stage I runs; each field changed alone loads."""
+def test_redraw_with_half_params_and_the_distributed_optimizer_fails_before_compute(dtype):
+    """The redraw draws from whole tensors, and the distributed optimizer's fp32 copies are shares: the
+    combination is refused by Config.validate, naming the fields, before Stage I runs; each field changed
+    alone loads, and frozen / projection (which edit the shares) load with it."""
     half, distopt = f"model.params_dtype={dtype}", "parallel.use_distributed_optimizer=true"
-    with pytest.raises(ValueError, match=r"model\.params_dtype.*parallel\.use_distributed_optimizer=false"):
-        load_config(DEBUG, BASE + policy + [half, distopt])
-    dense = [] if "redraw" in policy[0] else [[half, distopt, "pmp.mode=dense"]]  # redraw needs pmp mode
-    for ok in [[half], [distopt], *dense]:
-        assert load_config(DEBUG, BASE + policy + ok)
-    assert load_config(DEBUG, BASE + [half, distopt])  # decay without projection edits no weight
+    redraw = ["pmp.complement=redraw", "train.train_steps=8", "pmp.redraw_interval=4"]
+    named = r"pmp\.complement=redraw.*parallel\.use_distributed_optimizer=false"
+    with pytest.raises(ValueError, match=named):
+        load_config(DEBUG, BASE + redraw + [half, distopt])
+    for ok in [[half], [distopt]]:
+        assert load_config(DEBUG, BASE + redraw + ok)
+    for policy in (["pmp.complement=frozen"], ["pmp.projection=true"],
+                   ["pmp.complement=frozen", "pmp.projection=true"]):
+        assert load_config(DEBUG, BASE + policy + [half, distopt])
