@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from pmp_megatron.atomic import write_text_atomic
+from pmp_megatron.resources import recipe
 
 __all__ = [
     "ModelConfig", "ParallelConfig", "DiscoveryConfig", "PMPConfig", "DataConfig", "OptimConfig",
@@ -468,8 +469,10 @@ def _deep_merge(base: dict, new: dict) -> dict:
 
 
 def load_yaml(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML mapping, resolving ``include:`` (paths relative to the file) before its own keys."""
-    path = Path(path).resolve()
+    """Read a YAML mapping, resolving ``include:`` (paths relative to the file) before its own keys.
+    A ``configs/...`` path that is not on disk is the recipe shipped with the package (``resources.recipe``).
+    """
+    path = recipe(path).resolve()
     if path in _stack:
         chain = " -> ".join(str(p) for p in (*_stack, path))
         raise ValueError(f"config include cycle: {chain}")

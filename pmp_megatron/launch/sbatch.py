@@ -8,7 +8,8 @@ Run directory layout::
 
     <run dir>/config.yaml      the resolved config (YAML files + overrides), what every task loads
     <run dir>/pretrain.sbatch  the exact script that was submitted (resubmit it to continue the run)
-    <run dir>/git.txt          commit SHA of this checkout and whether it had local changes
+    <run dir>/git.txt          commit SHA of this checkout and whether it had local changes (a wheel:
+                               the installed version)
     <run dir>/git.diff         those local changes (only when there are any)
     <run dir>/jobs.txt         the Slurm job ids, one per line, appended on each submission
     <run dir>/logs/            %x-%j.out per job (appended across requeues)
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.config import Config, load_config, save_config
+from pmp_megatron.resources import recipe, shipped, source_tree
 
 __all__ = [
     "REQUEUE_EXIT_CODE", "RUN_DIR_PLACEHOLDER", "TEMPLATE", "SlurmOptions", "Launch",
@@ -44,8 +46,7 @@ __all__ = [
     "sbatch_escape", "sbatch_pattern", "check_text", "check_run_dir",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
+TEMPLATE = shipped("slurm", "pretrain.sbatch")  # from the checkout or the installed package
 RUN_DIR_PLACEHOLDER = "<run-dir>"
 REQUEUE_EXIT_CODE = 42  # the trainer's "checkpoint saved, requeue me" exit code
 
@@ -206,17 +207,17 @@ def resolve_config(config_paths: Sequence[str | Path], overrides: Sequence[str],
     if not config_paths:
         raise ValueError("at least one config file is required (--config X.yaml)")
     for path in config_paths:
-        if not Path(path).is_file():
+        if not recipe(path).is_file():
             raise ValueError(f"config file {path} does not exist")
-    cfg = load_config([str(p) for p in config_paths], overrides, world_size=world_size)
+    cfg = load_config(list(config_paths), overrides, world_size=world_size)
     if cfg.checkpoint.dir is None and run_dir is not None:
         cfg.checkpoint.dir = str(run_dir / "checkpoints")
     return cfg
 
 
-def _git(*args: str) -> str | None:
+def _git(repo: Path, *args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -229,12 +230,26 @@ def write_run_dir(run_dir: Path, cfg: Config, script: str) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     script_path = run_dir / "pretrain.sbatch"
     write_text_atomic(script_path, script, mode=0o755)
-    sha = (_git("rev-parse", "HEAD") or "unknown").strip()
-    diff = _git("diff", "HEAD") or ""
-    write_text_atomic(run_dir / "git.txt", f"commit {sha}\ndirty {bool(diff)}\nrepo {REPO}\n")
+    write_provenance(run_dir)
+    return script_path
+
+
+def write_provenance(run_dir: Path) -> None:
+    """git.txt (+ git.diff): the commit and local changes of the checkout the package runs from; for an
+    installed wheel, its version (the git state of whatever directory it sits in would be another
+    project's)."""
+    repo = source_tree()
+    if repo is None:
+        from importlib.metadata import version
+
+        installed = f"package pmp_megatron {version('pmp_megatron')} (installed)"
+        write_text_atomic(run_dir / "git.txt", f"commit unknown\ndirty unknown\n{installed}\n")
+        return
+    sha = (_git(repo, "rev-parse", "HEAD") or "unknown").strip()
+    diff = _git(repo, "diff", "HEAD") or ""
+    write_text_atomic(run_dir / "git.txt", f"commit {sha}\ndirty {bool(diff)}\nrepo {repo}\n")
     if diff:
         write_text_atomic(run_dir / "git.diff", diff)
-    return script_path
 
 
 def submit(script_path: Path, chain: int = 1) -> list[str]:
