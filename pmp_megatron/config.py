@@ -580,7 +580,7 @@ def _coerce(value: Any, tp: Any) -> Any:
 # Removed fields -> the value every config saved before the removal holds. Such a config (a checkpoint's,
 # a run dir's config.yaml) still loads: that value is dropped. Any other value is refused.
 _RETIRED = {
-    "data.corpus": ("builtin:prose", "it was never read; preprocess a corpus with tools/preprocess_data.py "
+    "data.corpus": ("builtin:prose", "it was never read; preprocess a corpus with pmp-preprocess "
                                      "and give data.data_path"),
     "checkpoint.async_save": (False, "checkpoints are saved synchronously"),
 }

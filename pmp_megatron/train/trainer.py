@@ -133,7 +133,7 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         if not d.data_path:
-            raise ValueError("data.data_path is required: preprocess a corpus with tools/preprocess_data.py")
+            raise ValueError("data.data_path is required: preprocess a corpus with pmp-preprocess")
         if not d.tokenizer_model:
             raise ValueError("data.tokenizer_model is required (the sentencepiece .model of the data)")
         tokenizer = Tokenizer(d.tokenizer_model)
