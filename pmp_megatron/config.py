@@ -180,7 +180,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 10  # steps between log lines
-    tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled)
+    tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled); needs the tensorboard extra
+    wandb_project: str | None = None  # Weights & Biases project, rank 0 writes (None: disabled); wandb extra
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under WANDB_DIR only, sync by hand
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # python logging level
 
 
@@ -214,6 +216,8 @@ class Config:
         m, p, pmp, t = self.model, self.parallel, self.pmp, self.train
         _check(m.seed is None or m.seed_file is None,
                "model.seed and model.seed_file exclude each other (a public seed, or a secret one in a file)")
+        _check(self.logging.wandb_project is None or bool(self.logging.wandb_project.strip()),
+               "logging.wandb_project must be a project name, or null for no wandb")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         vpp = p.virtual_pipeline_model_parallel_size
         for name in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",

@@ -42,4 +42,8 @@ def main(argv: list[str]) -> int:
     setup_logging(cfg.logging.level)
     from pmp_megatron.train.trainer import Trainer
 
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
