@@ -643,8 +643,13 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike] | None,
     return config_from_dict(apply_overrides(data, overrides), world_size)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The YAML text of the fully resolved config, as ``save_config`` writes it."""
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return "# resolved pmp_megatron config\n" + body
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the fully resolved config as YAML (loadable again with ``load_config``), atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    write_text_atomic(path, "# resolved pmp_megatron config\n" + body)
+    write_text_atomic(path, config_yaml(cfg))
