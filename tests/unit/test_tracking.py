@@ -1,7 +1,7 @@
 """Trackers (``train/tracking.py``): a configured tracker whose package is missing fails at Trainer setup,
 before torch.distributed starts, in one line naming the package and the extra; tensorboard and wandb get the
 same scalars, and neither gets the private mask's structure. The real wandb, offline, on a real PMP run:
-tests/e2e/test_tracking.py."""
+tests/e2e/test_wandb_offline.py."""
 
 from __future__ import annotations
 
