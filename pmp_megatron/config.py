@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from pmp_megatron.atomic import write_text_atomic
+from pmp_megatron.resources import recipe
 
 __all__ = [
     "ModelConfig", "ParallelConfig", "DiscoveryConfig", "AdversarialConfig", "PMPConfig", "DataConfig",
@@ -217,7 +218,9 @@ class ReleaseConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 10  # steps between log lines
-    tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled)
+    tensorboard_dir: str | None = None  # TensorBoard event dir (None: disabled); needs the tensorboard extra
+    wandb_project: str | None = None  # Weights & Biases project, rank 0 writes (None: disabled); wandb extra
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under WANDB_DIR only, sync by hand
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # python logging level
 
 
@@ -252,6 +255,8 @@ class Config:
         m, p, pmp, t = self.model, self.parallel, self.pmp, self.train
         _check(m.seed is None or m.seed_file is None,
                "model.seed and model.seed_file exclude each other (a public seed, or a secret one in a file)")
+        _check(self.logging.wandb_project is None or bool(self.logging.wandb_project.strip()),
+               "logging.wandb_project must be a project name, or null for no wandb")
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         vpp = p.virtual_pipeline_model_parallel_size
         for name in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
@@ -551,8 +556,10 @@ def _deep_merge(base: dict, new: dict) -> dict:
 
 
 def load_yaml(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML mapping, resolving ``include:`` (paths relative to the file) before its own keys."""
-    path = Path(path).resolve()
+    """Read a YAML mapping, resolving ``include:`` (paths relative to the file) before its own keys.
+    A ``configs/...`` path that is not on disk is the recipe shipped with the package (``resources.recipe``).
+    """
+    path = recipe(path).resolve()
     if path in _stack:
         chain = " -> ".join(str(p) for p in (*_stack, path))
         raise ValueError(f"config include cycle: {chain}")
@@ -660,7 +667,7 @@ def _coerce(value: Any, tp: Any) -> Any:
 # Removed fields -> the value every config saved before the removal holds. Such a config (a checkpoint's,
 # a run dir's config.yaml) still loads: that value is dropped. Any other value is refused.
 _RETIRED = {
-    "data.corpus": ("builtin:prose", "it was never read; preprocess a corpus with tools/preprocess_data.py "
+    "data.corpus": ("builtin:prose", "it was never read; preprocess a corpus with pmp-preprocess "
                                      "and give data.data_path"),
     "checkpoint.async_save": (False, "checkpoints are saved synchronously"),
 }
@@ -719,8 +726,13 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike] | None,
     return config_from_dict(apply_overrides(data, overrides), world_size)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The YAML text of the fully resolved config, as ``save_config`` writes it."""
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return "# resolved pmp_megatron config\n" + body
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the fully resolved config as YAML (loadable again with ``load_config``), atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    write_text_atomic(path, "# resolved pmp_megatron config\n" + body)
+    write_text_atomic(path, config_yaml(cfg))

@@ -27,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from pmp_megatron.resources import shipped
+
 logger = logging.getLogger("pmp_megatron.quickstart")
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = shipped("configs")  # the recipes, from the checkout or the installed package
 VOCAB = 512
 STEPS = 120
 
@@ -75,7 +77,7 @@ def run(out: str | Path) -> dict:
         logger.info("[2/6] pretraining the %s model (torchrun, 2 processes, TP=2)", mode)
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
               f"--master_port={free_port()}", "-m", "pmp_megatron", "pretrain",
-              "--config", str(REPO_CONFIGS / "model" / "debug.yaml"), *_pretrain_args(out, mode)],
+              "--config", str(CONFIGS / "model" / "debug.yaml"), *_pretrain_args(out, mode)],
              f"pretrain {mode}")
 
     logger.info("[3/6] releases and the private mask")
@@ -91,7 +93,7 @@ def run(out: str | Path) -> dict:
     logger.info("[4/6] smoke attack suite (unauthorized, authorized, mask recovery) on both releases")
     from pmp_megatron.attack.run import run_suite
 
-    summary = run_suite(str(REPO_CONFIGS / "attacks" / "smoke.yaml"), str(out / "release" / "pmp"),
+    summary = run_suite(str(CONFIGS / "attacks" / "smoke.yaml"), str(out / "release" / "pmp"),
                         str(out / "results.jsonl"), report_dir=str(out / "report"),
                         dense_model=str(out / "release" / "dense"), mask=str(mask))
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-DEBUG_MODEL = REPO / "configs" / "model" / "debug.yaml"
+from pmp_megatron.resources import shipped
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout, for tests
+DEBUG_MODEL = shipped("configs", "model", "debug.yaml")
 
 _CTX = None
 

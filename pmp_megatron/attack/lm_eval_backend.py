@@ -33,10 +33,11 @@ import yaml
 
 from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.attack import classify
+from pmp_megatron.resources import shipped
 
 logger = logging.getLogger(__name__)
 
-EVALS_DIR = Path(__file__).resolve().parents[2] / "configs" / "evals"
+EVALS_DIR = shipped("configs", "evals")
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 

@@ -68,6 +68,8 @@ from typing import Any
 
 import yaml
 
+from pmp_megatron.resources import recipe
+
 TASK_KINDS = ("lm", "synthetic", "classify", "lm_eval")
 TASK_KEYS = {  # the keys each task kind accepts (besides kind)
     "lm": ("source", "name", "max_docs", "max_chars", "json_key"),
@@ -426,7 +428,8 @@ def suite_from_dict(data: dict) -> Suite:
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
-    """Read and validate a suite YAML file."""
+    """Read and validate a suite YAML file (a ``configs/...`` path not on disk: the shipped suite)."""
+    path = recipe(path)
     if not os.path.isfile(path):
         raise ValueError(f"suite file {path} does not exist")
     with open(path) as f:

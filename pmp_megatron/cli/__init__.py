@@ -10,6 +10,7 @@ attack         the fine-tune attack suite and its report (``cli/attack.py``)
 launch         Slurm submission (``cli/launch.py``)
 quickstart     the whole loop on the debug model on CPU (``cli/quickstart.py``)
 dense-matched  the dense control whose base loss matches a PMP run's (``cli/dense_matched.py``)
+preprocess     tokenizer + Megatron indexed dataset from JSONL, text or builtins (``cli/preprocess.py``)
 =============  ===================================================================================
 
 A user error (a bad value, a missing or refused file, a full disk) prints ONE line naming the file or
@@ -32,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "launch": "pmp_megatron.cli.launch:main",
     "quickstart": "pmp_megatron.cli.quickstart:main",
     "dense-matched": "pmp_megatron.cli.dense_matched:main",
+    "preprocess": "pmp_megatron.cli.preprocess:main",
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError,
@@ -103,3 +105,4 @@ attack_main = _console("attack")
 launch_main = _console("launch")
 quickstart_main = _console("quickstart")
 dense_matched_main = _console("dense-matched")
+preprocess_main = _console("preprocess")

@@ -4,7 +4,8 @@ Run under torchrun or srun. Resumes automatically from ``checkpoint.dir`` (Stage
 that the config's ``model.*``, ``pmp.*`` and W0 seed match the checkpoint's: a difference fails with one
 line naming the fields unless ``checkpoint.allow_changes`` lists them. Exits 42 after a preemption
 checkpoint (SIGTERM/SIGUSR2, in Stage I or Stage II). ``--print-config`` prints the resolved, validated
-config and exits.
+config as the run's ``config.yaml`` would hold it and exits, without starting torch.distributed: an unset
+(secret) ``model.seed`` is null there, and a ``model.seed_file`` is named, never read.
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from pmp_megatron.config import config_to_dict, load_config
+    from pmp_megatron.config import config_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import yaml
-
-        sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+        # The seed is drawn (or read from model.seed_file) by the Trainer, not here: a secret one is still
+        # null, exactly as train.resume.public_config has the run's config.yaml show it.
+        sys.stdout.write(config_yaml(cfg))
         return 0
     setup_logging(cfg.logging.level)
     from pmp_megatron.train.trainer import Trainer
 
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -4,7 +4,7 @@
                the readers for JSONL / plain text inputs.
 ``tokenizer``  deterministic SentencePiece training and the ``Tokenizer`` wrapper (eod = ``</s>``).
 ``indexed``    preprocessing into Megatron ``.bin``/``.idx`` indexed datasets (parallel, byte-reproducible);
-               ``tools/preprocess_data.py`` is its command line.
+               ``pmp-preprocess`` (``cli/preprocess.py``) is its command line.
 ``datasets``   megatron-core ``GPTDataset`` splits and weighted blends, the trainer's batch format and the
                resumable ``MicroBatchSampler``.
 

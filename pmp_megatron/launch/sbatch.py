@@ -8,7 +8,8 @@ Run directory layout::
 
     <run dir>/config.yaml      the resolved config (YAML files + overrides), what every task loads
     <run dir>/pretrain.sbatch  the exact script that was submitted (resubmit it to continue the run)
-    <run dir>/git.txt          commit SHA of this checkout and whether it had local changes
+    <run dir>/git.txt          commit SHA of this checkout and whether it had local changes (a wheel:
+                               the installed version)
     <run dir>/git.diff         those local changes (only when there are any)
     <run dir>/jobs.txt         the Slurm job ids, one per line, appended on each submission
     <run dir>/logs/            %x-%j.out per job (appended across requeues)
@@ -22,6 +23,12 @@ Every value rendered into the script is checked first (no control characters: a 
 shell-quoted, ``|sbatch`` fields are quoted for sbatch's own ``#SBATCH`` parser (which splits on
 whitespace, honours quotes and backslashes, and ends the line at an unquoted ``#``), and ``|sbatch_pattern``
 fields also double ``%`` so that ``--output`` does not read a ``%`` of the path as a filename pattern.
+
+Passthrough: ``--qos``, ``--constraint``, ``--exclusive``, ``--mem``, ``--reservation``, ``--exclude`` and any
+other ``#SBATCH`` option (``sbatch_options``) become lines of the ``#SBATCH`` block, ``srun_options`` are
+added last to the trainer step's srun, and ``container_mounts`` are bind-mounted (pyxis) besides the run
+directory. An option must be one long option, ``KEY[=VALUE]``; one that pmp-launch renders itself is refused
+(its own flag sets it, or the requeue contract needs it as it is).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pathlib import Path
 
 from pmp_megatron.atomic import write_text_atomic
 from pmp_megatron.config import Config, load_config, save_config
+from pmp_megatron.resources import recipe, shipped, source_tree
 
 __all__ = [
     "REQUEUE_EXIT_CODE", "RUN_DIR_PLACEHOLDER", "TEMPLATE", "SlurmOptions", "Launch",
@@ -44,13 +52,24 @@ __all__ = [
     "sbatch_escape", "sbatch_pattern", "check_text", "check_run_dir",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "slurm" / "pretrain.sbatch"
+TEMPLATE = shipped("slurm", "pretrain.sbatch")  # from the checkout or the installed package
 RUN_DIR_PLACEHOLDER = "<run-dir>"
 REQUEUE_EXIT_CODE = 42  # the trainer's "checkpoint saved, requeue me" exit code
 
 _FIELD = re.compile(r"\{\{(\w+)(?:\|(\w+))?\}\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LONG_OPTION = re.compile(r"(?:--)?([a-z][a-z0-9]+(?:-[a-z0-9]+)*)(?:=(.+))?")
+# #SBATCH options the template writes: a flag of pmp-launch sets them, or the requeue contract needs them
+_RENDERED_SBATCH = {
+    "job-name": "--job-name", "nodes": "--nodes", "ntasks-per-node": "--ntasks-per-node",
+    "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task", "partition": "--partition",
+    "account": "--account", "time": "--time", "qos": "--qos", "constraint": "--constraint",
+    "exclusive": "--exclusive", "mem": "--mem", "reservation": "--reservation", "exclude": "--exclude",
+    "output": "--run-dir", "open-mode": None, "signal": "--requeue-signal-seconds", "requeue": None,
+    "dependency": "--chain",
+}
+_RENDERED_SRUN = {"container-image": "--container-image", "container-mounts": "--container-mount",
+                  "container-workdir": None}
 _SBATCH_SPECIAL = re.compile(r"""[\s'"#\\]""")
 
 
@@ -99,6 +118,15 @@ class SlurmOptions:
     requeue_signal_seconds: int = 300  # USR2 this many seconds before the time limit
     chain: int = 1  # number of back-to-back job segments to queue
     trainer: str = "pmp-pretrain"  # the command each task runs (before --config ...)
+    qos: str | None = None  # quality of service
+    constraint: str | None = None  # node features the job needs, e.g. a100&ib
+    exclusive: bool = False  # whole nodes, shared with no other job
+    mem: str | None = None  # memory per node, e.g. 500G (0: all of it)
+    reservation: str | None = None  # run inside this reservation
+    exclude: str | None = None  # nodes never to run on, e.g. node[01-04]
+    sbatch_options: tuple[str, ...] = ()  # more #SBATCH options, each KEY[=VALUE] (--sbatch-option)
+    srun_options: tuple[str, ...] = ()  # more options of the trainer's srun, each KEY[=VALUE] (--srun-option)
+    container_mounts: tuple[str, ...] = ()  # SRC:DST[:FLAGS] mounted besides the run dir (--container-mount)
 
     @property
     def tasks_per_node(self) -> int:
@@ -126,7 +154,8 @@ class SlurmOptions:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for name in ("partition", "account", "time", "job_name", "container_image"):
+        for name in ("partition", "account", "time", "job_name", "container_image", "qos", "constraint",
+                     "mem", "reservation", "exclude"):
             value = getattr(self, name)
             if value is not None and (not value or re.search(r"\s", value)):
                 raise ValueError(f"{name} must be a non-empty word without whitespace, got {value!r}")
@@ -134,7 +163,46 @@ class SlurmOptions:
                 check_text(name, value)
         if not shlex.split(check_text("trainer", self.trainer)):
             raise ValueError("trainer must be a non-empty command")
+        self.sbatch_lines()
+        self.srun_args()
+        self.mounts()
         return self
+
+    def sbatch_lines(self) -> list[str]:
+        """``sbatch_options`` as ``--key[=value]`` arguments of the ``#SBATCH`` block."""
+        return [long_option("--sbatch-option", item, _RENDERED_SBATCH) for item in self.sbatch_options]
+
+    def srun_args(self) -> list[str]:
+        """``srun_options`` as ``--key[=value]`` arguments of the trainer's srun."""
+        return [long_option("--srun-option", item, _RENDERED_SRUN) for item in self.srun_options]
+
+    def mounts(self) -> list[str]:
+        """``container_mounts``, each checked to be ``SRC:DST[:FLAGS]`` (pyxis' format)."""
+        if self.container_mounts and self.container_image is None:
+            raise ValueError("--container-mount needs --container-image (mounts are made in the container)")
+        for item in self.container_mounts:
+            check_text("--container-mount", item)
+            src, sep, rest = item.partition(":")
+            if not src or not sep or not rest.partition(":")[0] or "," in item:
+                raise ValueError(f"--container-mount {item!r} must look like SRC:DST[:FLAGS] (pyxis' format; "
+                                 f"no ',', which separates mounts)")
+        return list(self.container_mounts)
+
+
+def long_option(flag: str, item: str, rendered: Mapping[str, str | None]) -> str:
+    """``item`` (``KEY[=VALUE]``, a leading ``--`` allowed) as ``--key[=value]``; ValueError naming ``flag``
+    when it is not one long option, or is one that pmp-launch renders itself."""
+    check_text(flag, item)
+    match = _LONG_OPTION.fullmatch(item)
+    if match is None:
+        raise ValueError(f"{flag} {item!r} must look like KEY=VALUE or KEY, one long option (e.g. "
+                         f"mail-type=END)")
+    key, value = match.groups()
+    if key in rendered:
+        own = rendered[key]
+        why = f"use {own}" if own else "the requeue contract sets it"
+        raise ValueError(f"{flag} {item!r}: pmp-launch renders --{key} itself ({why})")
+    return f"--{key}" if value is None else f"--{key}={value}"
 
 
 def render_template(template: str, fields: Mapping[str, str | None]) -> str:
@@ -196,6 +264,15 @@ def render_sbatch(options: SlurmOptions, run_dir: str | Path | None = None,
         "run_dir": RUN_DIR_PLACEHOLDER if run_dir is None else str(run_dir),
         "overrides": shlex.join(overrides),
         "trainer": shlex.join(shlex.split(options.trainer)),
+        "qos": options.qos,
+        "constraint": options.constraint,
+        "exclusive": "" if options.exclusive else None,
+        "mem": options.mem,
+        "reservation": options.reservation,
+        "exclude": options.exclude,
+        "sbatch_options": " ".join(sbatch_escape(a) for a in options.sbatch_lines()) or None,
+        "srun_options": shlex.join(options.srun_args()) or None,
+        "container_mounts": ",".join(options.mounts()) or None,
     }
     return render_template(text, fields)
 
@@ -206,17 +283,17 @@ def resolve_config(config_paths: Sequence[str | Path], overrides: Sequence[str],
     if not config_paths:
         raise ValueError("at least one config file is required (--config X.yaml)")
     for path in config_paths:
-        if not Path(path).is_file():
+        if not recipe(path).is_file():
             raise ValueError(f"config file {path} does not exist")
-    cfg = load_config([str(p) for p in config_paths], overrides, world_size=world_size)
+    cfg = load_config(list(config_paths), overrides, world_size=world_size)
     if cfg.checkpoint.dir is None and run_dir is not None:
         cfg.checkpoint.dir = str(run_dir / "checkpoints")
     return cfg
 
 
-def _git(*args: str) -> str | None:
+def _git(repo: Path, *args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -229,12 +306,26 @@ def write_run_dir(run_dir: Path, cfg: Config, script: str) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     script_path = run_dir / "pretrain.sbatch"
     write_text_atomic(script_path, script, mode=0o755)
-    sha = (_git("rev-parse", "HEAD") or "unknown").strip()
-    diff = _git("diff", "HEAD") or ""
-    write_text_atomic(run_dir / "git.txt", f"commit {sha}\ndirty {bool(diff)}\nrepo {REPO}\n")
+    write_provenance(run_dir)
+    return script_path
+
+
+def write_provenance(run_dir: Path) -> None:
+    """git.txt (+ git.diff): the commit and local changes of the checkout the package runs from; for an
+    installed wheel, its version (the git state of whatever directory it sits in would be another
+    project's)."""
+    repo = source_tree()
+    if repo is None:
+        from importlib.metadata import version
+
+        installed = f"package pmp_megatron {version('pmp_megatron')} (installed)"
+        write_text_atomic(run_dir / "git.txt", f"commit unknown\ndirty unknown\n{installed}\n")
+        return
+    sha = (_git(repo, "rev-parse", "HEAD") or "unknown").strip()
+    diff = _git(repo, "diff", "HEAD") or ""
+    write_text_atomic(run_dir / "git.txt", f"commit {sha}\ndirty {bool(diff)}\nrepo {repo}\n")
     if diff:
         write_text_atomic(run_dir / "git.diff", diff)
-    return script_path
 
 
 def submit(script_path: Path, chain: int = 1) -> list[str]:

@@ -45,6 +45,7 @@ import torch
 from pmp_megatron.config import ModelConfig
 from pmp_megatron.model.w0 import name_seed, w0_tensor
 from pmp_megatron.release.hf_llama import canonical_shapes, to_hf
+from pmp_megatron.resources import shipped
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ DEFAULT_SEED_GUESSES = 10_000
 SEED_FOUND_Z = 7.0  # a wrong seed's best z among ~1e4 guesses is ~4.5; P(z > 7) per guess ~1e-12
 _PROBE = ("decoder.layers.0.self_attention.linear_proj.weight", "model.layers.0.self_attn.o_proj.weight")
 _PROBE_MAX = 1 << 14
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = shipped("configs")  # the recipes shipped with the package (checkout or wheel)
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
@@ -242,10 +243,10 @@ def recover_init(weights: Mapping[str, torch.Tensor], w0: Iterable[tuple[str, to
 
 def config_seeds(configs_dir: str | Path | None = None) -> list[int]:
     """Every integer ``seed:`` value (at any depth) of the YAML recipes under ``configs_dir`` (default: the
-    repo's ``configs/``; none when it is absent) -- the seeds an attacker with the repo tries first."""
+    shipped ``configs/``; none when it is absent) -- the seeds an attacker with the repo tries first."""
     import yaml
 
-    root = Path(REPO_CONFIGS if configs_dir is None else configs_dir)
+    root = Path(CONFIGS if configs_dir is None else configs_dir)
     found: set[int] = set()
 
     def walk(node) -> None:

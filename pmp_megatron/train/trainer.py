@@ -20,7 +20,7 @@ megatron-core, resumable after any interruption and at another TP/PP/DP layout.
    ``train.adversarial.Adversary.step`` (the same step against simulated keyless fine-tuning), LR schedule,
    the PMP complement policy, periodic eval,
    logging (step, loss, lr, grad norm, tokens/s, TFLOP/s, memory, ETA; ``metrics.jsonl`` and optional
-   tensorboard), checkpoints, and preemption (save, exit 42).
+   tensorboard and wandb: ``tracking``), checkpoints, and preemption (save, exit 42).
 
 ``run`` does all three and also exits 42 when a preemption signal stops Stage I.
 
@@ -51,7 +51,7 @@ from pmp_megatron.model.gpt import build_model
 from pmp_megatron.model.params import shard_infos
 from pmp_megatron.pmp import masks as pmp_masks
 from pmp_megatron.pmp.update import MaskedUpdate
-from pmp_megatron.train import checkpoint, resume, signals
+from pmp_megatron.train import checkpoint, resume, signals, tracking
 from pmp_megatron.train.adversarial import Adversary
 from pmp_megatron.train.discovery import DiscoveryResult, discover
 from pmp_megatron.train.optimizer import build_optimizer, build_scheduler
@@ -86,7 +86,7 @@ class Trainer:
         self.run_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
         self._source = batches
         self._proxy = proxy  # adversarial Stage II's proxy rows (built from pmp.adversarial.proxy if None)
-        self._tb = None
+        self._trackers = tracking.Trackers(cfg.logging, self.run_dir.name if self.run_dir else None)
         self._start: resume.Start | None = None  # the checkpoint to resume from (``_resolve_start``)
         self._resolved = False
         self.seed_secret = cfg.model.seed is None  # whether W0's seed is secret (set by ``_resolve_start``)
@@ -106,6 +106,7 @@ class Trainer:
         that may not continue the checkpoint raises ValueError here, before anything is written), the run
         dir with the resolved ``config.yaml`` (a secret seed as null), and the datasets unless a batch
         source was given."""
+        tracking.check(self.cfg.logging)  # a missing tracker package fails here, on every rank
         mcore.init_distributed()  # first on its own: the config is validated against the world size
         self.cfg.validate(self.world)
         p = self.cfg.parallel
@@ -141,7 +142,7 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         if not d.data_path:
-            raise ValueError("data.data_path is required: preprocess a corpus with tools/preprocess_data.py")
+            raise ValueError("data.data_path is required: preprocess a corpus with pmp-preprocess")
         if not d.tokenizer_model:
             raise ValueError("data.tokenizer_model is required (the sentencepiece .model of the data)")
         tokenizer = Tokenizer(d.tokenizer_model)
@@ -351,23 +352,19 @@ class Trainer:
                         self.cfg.checkpoint.keep_last)
 
     def _write_metrics(self, records: list[dict]) -> None:
-        """Rank 0: append to ``metrics.jsonl`` in the run dir and, if configured, tensorboard scalars."""
+        """Rank 0: append to ``metrics.jsonl`` in the run dir and the configured trackers' scalars
+        (tensorboard, wandb: ``train/tracking.py``)."""
         if self.rank != 0:
             return
         if self.run_dir:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 for r in records:
                     f.write(json.dumps(r) + "\n")
-        if self.cfg.logging.tensorboard_dir:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
+        self._trackers.write(records)
 
-                self._tb = SummaryWriter(self.cfg.logging.tensorboard_dir)
-            for r in records:
-                for key, value in r.items():
-                    if key not in ("step", "stage") and isinstance(value, int | float):
-                        self._tb.add_scalar(f"{r['stage']}/{key}", value, r["step"])
-            self._tb.flush()
+    def close(self) -> None:
+        """Close the trackers (the wandb run is finished); the trainer may not write metrics after."""
+        self._trackers.close()
 
     def _num_params(self, model) -> int:
         n = torch.tensor([sum(i.numel() for _, i in shard_infos(model, self.cfg.model.vocab_size).values()

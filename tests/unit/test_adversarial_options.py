@@ -133,3 +133,12 @@ def test_the_adversarial_recipe_is_accumulated_plus_its_own_section_and_names_th
                        "classify": f"classify:{task.name}"}[task.kind]
             assert task_identity(spelled) in declared, (suite_file, spelled)
     assert not declared & {task_identity(p) for p in adv.proxy}
+
+
+def test_trackers_get_the_keyless_statistics_but_not_the_keys():
+    from pmp_megatron.train.tracking import scalars
+
+    record = {"stage": "train", "step": 2, "loss": 3.0, "adversarial_lr": 1e-3, "adversarial_keyless": 5.1,
+              "adversarial_key_loss": 2.5}
+    assert scalars(record) == {"train/loss": 3.0, "train/adversarial_lr": 1e-3,
+                               "train/adversarial_keyless": 5.1}

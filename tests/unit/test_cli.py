@@ -103,3 +103,30 @@ def test_print_config_prints_the_resolved_config():
 
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["pmp"]["rho"] == 0.25 and resolved["model"]["num_layers"] >= 1
+
+
+@pytest.mark.parametrize("seed_args, secret", [([], True), (["model.seed_file=SEED_FILE"], True),
+                                               (["model.seed=7"], False)])
+def test_print_config_is_the_runs_config_yaml_and_starts_no_distributed(tmp_path, monkeypatch, capsys,
+                                                                        seed_args, secret):
+    import torch.distributed
+
+    from pmp_megatron import mcore
+    from pmp_megatron.config import load_config, save_config
+    from pmp_megatron.train.resume import public_config
+
+    def no_distributed(*args, **kwargs):
+        raise AssertionError("--print-config started torch.distributed")
+
+    monkeypatch.setattr(mcore, "init_distributed", no_distributed)
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_distributed)
+    seed_file = tmp_path / "w0_seed"
+    seed_file.write_text("318807613923851212730947329547802371\n")
+    seed_file.chmod(0o600)
+    overrides = ["pmp.rho=0.25", *(a.replace("SEED_FILE", str(seed_file)) for a in seed_args)]
+    assert cli.run("pretrain", ["--config", str(DEBUG), *overrides, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "318807613923851212730947329547802371" not in printed
+    save_config(public_config(load_config(str(DEBUG), overrides), secret), tmp_path / "config.yaml")
+    assert printed == (tmp_path / "config.yaml").read_text()  # what the run dir's config.yaml holds
+    assert load_config(tmp_path / "config.yaml").model.seed == (None if secret else 7)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pmp_megatron.cli import run
 from pmp_megatron.data import corpora, datasets, indexed
 from pmp_megatron.data.tokenizer import train_tokenizer
 
@@ -180,21 +181,16 @@ def test_preprocess_jsonl_key_and_failure_cleanup(tok, tmp_path):
 
 
 def test_cli(tok, tmp_path):
-    help_text = subprocess.run([sys.executable, "tools/preprocess_data.py", "--help"], cwd=REPO,
+    help_text = subprocess.run([sys.executable, "-m", "pmp_megatron", "preprocess", "--help"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout
     assert "--output-prefix" in help_text and "--train-tokenizer" in help_text
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import preprocess_data
-    finally:
-        sys.path.pop(0)
     argv = ["--input", "builtin:prose", "--max-docs", "10", "--max-chars", "500", "--output-prefix",
             str(tmp_path / "cli"), "--tokenizer-model", str(tmp_path / "cli.model"), "--train-tokenizer",
             "--vocab-size", "400", "--workers", "1", "--no-progress"]
-    assert preprocess_data.main(argv) == 0
+    assert run("preprocess", argv) == 0
     assert len(indexed.read_indexed(tmp_path / "cli")) == 10
-    assert preprocess_data.main(["--input", str(tmp_path / "nope.txt"), "--output-prefix",
-                                 str(tmp_path / "x"), "--tokenizer-model", tok.model_path]) == 2
+    assert run("preprocess", ["--input", str(tmp_path / "nope.txt"), "--output-prefix", str(tmp_path / "x"),
+                              "--tokenizer-model", tok.model_path]) == 2
 
 
 # --- GPT datasets, blends, batches, sampler ---------------------------------------------------------

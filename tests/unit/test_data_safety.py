@@ -18,10 +18,9 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from pmp_megatron import atomic
+from pmp_megatron.cli import run
 from pmp_megatron.data import corpora, indexed, tokenizer
 from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +37,6 @@ def _digests(directory: Path) -> dict[str, str]:
 def _jsonl(path: Path, texts: list[str], tail: str = "") -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + tail)
     return path
-
-
-def _preprocess_cli():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import preprocess_data
-    finally:
-        sys.path.pop(0)
-    return preprocess_data
 
 
 # --- the atomic-write helper ------------------------------------------------------------------------
@@ -128,19 +118,18 @@ def test_exception_while_writing_keeps_the_existing_dataset(tok, tmp_path, monke
 
 
 def test_cli_failure_keeps_tokenizer_and_dataset(tmp_path):
-    cli = _preprocess_cli()
     texts = list(corpora.iter_documents("prose", max_docs=30, max_chars=1200))
     good = _jsonl(tmp_path / "good.jsonl", texts)
     out = tmp_path / "out"
     args = ["--output-prefix", str(out / "data"), "--tokenizer-model", str(out / "tok.model"),
             "--train-tokenizer", "--workers", "1", "--no-progress"]
-    assert cli.main(["--input", str(good), "--vocab-size", "400", *args]) == 0
+    assert run("preprocess", ["--input", str(good), "--vocab-size", "400", *args]) == 0
     before = _digests(out)
     assert before.keys() == {"data.bin", "data.idx", "data.meta.json", "tok.model"}
     # the tokenizer trains on the first lines only, then tokenizing reaches the bad last line
     bad = _jsonl(tmp_path / "bad.jsonl", texts, tail='{"body": "no text key"}\n')
-    assert cli.main(["--input", str(bad), "--vocab-size", "420", "--tokenizer-max-sentences", "300",
-                     *args]) == 2
+    assert run("preprocess", ["--input", str(bad), "--vocab-size", "420", "--tokenizer-max-sentences", "300",
+                              *args]) == 2
     assert _digests(out) == before
 
 
@@ -176,10 +165,11 @@ def test_non_utf8_input_names_file_and_line(tmp_path, name, split_paragraphs):
 def test_non_utf8_input_through_the_cli(tok, tmp_path, capsys):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"first line\nsecond \xff line\n")
-    assert _preprocess_cli().main(["--input", str(path), "--output-prefix", str(tmp_path / "x"),
-                                   "--tokenizer-model", tok.model_path, "--no-progress"]) == 2
+    assert run("preprocess", ["--input", str(path), "--output-prefix", str(tmp_path / "x"),
+                              "--tokenizer-model", tok.model_path, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {path}:2: not valid UTF-8 (byte 0xff at column 8); convert the file to UTF-8"
+    assert err == (f"pmp-preprocess: error: {path}:2: not valid UTF-8 (byte 0xff at column 8); "
+                   "convert the file to UTF-8")
 
 
 def test_lone_surrogate_escape_in_jsonl(tmp_path):

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pmp_megatron"
 
 # Lowest first; the packages of one layer may not import each other.
 ORDER: list[set[str]] = [
-    {"atomic"},
+    {"atomic", "resources"},
     {"config", "compat"},
     {"mcore"},
     {"data", "model"},

@@ -1,7 +1,7 @@
-"""Tokenize documents into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx), optionally training the
-SentencePiece tokenizer on the same inputs first.
+"""``pmp-preprocess``: tokenize documents into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx),
+optionally training the SentencePiece tokenizer on the same inputs first.
 
-    python tools/preprocess_data.py --input builtin:prose --output-prefix data/prose \
+    pmp-preprocess --input builtin:prose --output-prefix data/prose \\
         --tokenizer-model data/tok.model --train-tokenizer --vocab-size 4096 --workers 2
 
 Inputs: ``builtin:<domain>`` (see pmp_megatron.data.corpora), JSONL files (.jsonl/.json; the text under
@@ -16,13 +16,15 @@ together with the dataset, and a failure leaves the files already at --output-pr
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from pmp_megatron.cli.logs import setup_logging
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pmp-preprocess argument parser."""
+    parser = argparse.ArgumentParser(prog="pmp-preprocess", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True, metavar="FILE_OR_builtin:DOMAIN",
                         help="a document source; repeat for several (they are concatenated in order)")
@@ -45,38 +47,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tokenizer processes (the output does not depend on it)")
     parser.add_argument("--chunk-size", type=int, default=16, help="documents per task sent to a worker")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Train the tokenizer (optionally), write the indexed dataset, print one summary line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.train_tokenizer and args.vocab_size is None:
         parser.error("--train-tokenizer needs --vocab-size")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from pmp_megatron.data.indexed import iter_inputs, preprocess
     from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer_proto
 
     limits = dict(json_key=args.json_key, split_paragraphs=args.split_paragraphs,
                   max_docs=args.max_docs, max_chars=args.max_chars)
-    try:
-        if args.train_tokenizer:
-            proto = train_tokenizer_proto(iter_inputs(args.input, **limits), args.vocab_size,
-                                          model_type=args.model_type,
-                                          max_sentences=args.tokenizer_max_sentences)
-            tokenizer = Tokenizer.from_proto(proto, args.tokenizer_model)
-        else:
-            tokenizer = Tokenizer(args.tokenizer_model)
-        meta = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
-                          chunk_size=args.chunk_size, progress=not args.no_progress,
-                          write_tokenizer=args.train_tokenizer, **limits)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.output_prefix}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
-          f"({meta['dtype']}), vocab {meta['vocab_size']}")
+    if args.train_tokenizer:
+        proto = train_tokenizer_proto(iter_inputs(args.input, **limits), args.vocab_size,
+                                      model_type=args.model_type, max_sentences=args.tokenizer_max_sentences)
+        tokenizer = Tokenizer.from_proto(proto, args.tokenizer_model)
+    else:
+        tokenizer = Tokenizer(args.tokenizer_model)
+    meta = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
+                      chunk_size=args.chunk_size, progress=not args.no_progress,
+                      write_tokenizer=args.train_tokenizer, **limits)
+    sys.stdout.write(f"{args.output_prefix}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
+                     f"({meta['dtype']}), vocab {meta['vocab_size']}\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
