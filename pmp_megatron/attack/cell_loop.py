@@ -31,6 +31,14 @@ from pmp_megatron.attack.suite import Cell
 logger = logging.getLogger(__name__)
 
 
+class Preempted(Exception):
+    """A preemption signal stopped a grid, a cell's state saved; ``exit_code`` is the job's (a requeue)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class Progress:
     """A cell's training so far."""

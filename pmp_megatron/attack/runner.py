@@ -93,6 +93,11 @@ def set_trained_state_hook(fn: Callable[[Cell, dict[str, torch.Tensor]], None] |
     _TRAINED_STATE_HOOK = fn
 
 
+def trained_state_hook() -> Callable[[Cell, dict[str, torch.Tensor]], None] | None:
+    """The hook of ``set_trained_state_hook`` (the megatron engine calls it too; set it on every rank)."""
+    return _TRAINED_STATE_HOOK
+
+
 def set_lr_hook(fn: Callable[[Cell, float], float] | None) -> None:
     """TEST-ONLY: ``fn(cell, lr)`` gives the learning rate a cell's optimizer is built with (lr 0 on one
     side: a model whose parameters cannot move)."""
