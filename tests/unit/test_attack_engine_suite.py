@@ -104,3 +104,26 @@ def _write(tmp_path, data):
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("megatron-1.1b.yaml", MegatronLayout(1, 1, None)),
+    ("megatron-7b.yaml", MegatronLayout(8, 2, 1)),
+])
+def test_megatron_suites_load_and_state_their_grid(name, layout):
+    """The GPU suites validate, and the cell count their header states (the base of the GPU-hours
+    arithmetic written beside it) is the grid's."""
+    import re
+
+    from pmp_megatron.testing import REPO
+
+    path = REPO / "configs" / "attacks" / name
+    suite = load_suite(path)
+    assert suite.engine == "megatron" and suite.megatron == layout and suite.decision is not None
+    header = path.read_text()
+    stated = int(re.search(r"^# cells: .* = (\d+)$", header, re.M).group(1))
+    matched = int(re.search(r"^#\s+\(\+ (\d+) with --dense-matched-model\)$", header, re.M).group(1))
+    roles = {"pmp": "p", "dense": "d", "scratch": "s"}
+    assert len(expand_cells(suite, roles, "mask", "regen")) == stated
+    assert len(expand_cells(suite, {**roles, "dense_matched": "m"}, "mask", "regen")) == stated + matched
+    assert "GPU-hours" in header and max(a.steps for a in suite.adversaries) == 1000
