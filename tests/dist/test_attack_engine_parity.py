@@ -1,7 +1,8 @@
 """One attack cell, two engines: the HF runner in one process and the megatron-core engine (suite ``engine:
-megatron``) at TP2 and at PP2 (two micro-batches per step there) give the same task-loss curve, training
-losses and scores, for a keyless attacker (dense) and the owner's key (PMP, frozen complement); the keyed
-megatron run leaves every complement entry of the release bit-identical while the masked-in entries move.
+megatron``) at TP2 and at PP2 (four one-row micro-batches per step there) give the same task-loss curve,
+training losses and scores, for a keyless attacker (dense) and the owner's key (PMP, frozen complement),
+under AdamW (cosine schedule with warmup) and SGD (momentum, L2 decay, linear schedule); the keyed megatron
+run leaves every complement entry of the release bit-identical while the masked-in entries move.
 
 The release is the debug model (vocabulary 500, padded to 512 on the megatron side: the padded logits must
 not enter the loss or the argmax); the tasks are an LM task (token accuracy) and the synthetic copy task
@@ -28,7 +29,9 @@ SUITE = {
     "seq_length": 32, "eval_blocks": 6, "eval_batch_size": 4, "eval_every": 2, "seeds": [0],
     "attackers": ["unauthorized", "authorized"], "precision": "fp32",
     "adversaries": [{"method": "full", "optimizer": "adamw", "lr": 3.0e-3, "weight_decay": 0.1, "steps": 4,
-                     "batch_size": 4, "schedule": "cosine", "warmup_steps": 1}],
+                     "batch_size": 4, "schedule": "cosine", "warmup_steps": 1},
+                    {"method": "full", "optimizer": "sgd", "lr": 0.3, "weight_decay": 0.01, "steps": 4,
+                     "batch_size": 4, "schedule": "linear"}],
 }
 LAYOUTS = {"tp2": ({"tensor_model_parallel_size": 2}, 2),
            "pp2": ({"pipeline_model_parallel_size": 2, "micro_batch_size": 1}, 2)}
@@ -52,11 +55,11 @@ _STATES: dict = {}
 
 
 def _keep_state(cell, state):
-    _STATES[(cell.attacker, cell.task.name)] = state
+    _STATES[(cell.attacker, cell.task.name, cell.adversary.optimizer)] = state
 
 
 def _records(path) -> dict:
-    return {(r["attacker"], r["task"]): r for r in map(json.loads, open(path))}
+    return {(r["attacker"], r["task"], r["adv_optimizer"]): r for r in map(json.loads, open(path))}
 
 
 def _megatron(suite, model, key, out):
@@ -100,7 +103,7 @@ def test_megatron_cells_follow_the_hf_cells(layout, release, hf):
                     str(tmp / f"{layout}.jsonl"))
     records, states = results[0]
     hf_records, hf_states = hf
-    assert records.keys() == hf_records.keys() and len(records) == 4
+    assert records.keys() == hf_records.keys() and len(records) == 8
     for key, ref in hf_records.items():
         rec = records[key]
         assert rec.keys() == ref.keys(), key  # the same record, read by report / stats unchanged
@@ -117,13 +120,14 @@ def test_megatron_cells_follow_the_hf_cells(layout, release, hf):
         if key[1] == "prose_heldout":  # (4 steps do not teach the copy task)
             assert ref["curve"][-1][1] < ref["curve"][0][1] - 0.3, f"{key}: the attack must learn something"
     masks, released = release["masks"], release["weights"]
-    for task in ("prose_heldout", "copy"):
-        keyed, dense = states[("authorized", task)], states[("unauthorized", task)]
+    for task, optimizer in [(t, o) for t in ("prose_heldout", "copy") for o in ("adamw", "sgd")]:
+        keyed, dense = states[("authorized", task, optimizer)], states[("unauthorized", task, optimizer)]
         assert keyed.keys() == released.keys()
         for name, w in released.items():
             complement = ~masks[name]
             assert torch.equal(keyed[name][complement], w[complement]), f"{layout} {task}: {name} complement"
-            torch.testing.assert_close(keyed[name], hf_states[("authorized", task)][name], rtol=0, atol=1e-4)
+            torch.testing.assert_close(keyed[name], hf_states[("authorized", task, optimizer)][name], rtol=0,
+                                       atol=1e-4)
         moved = sum(int((keyed[n] != w)[masks[n]].sum()) for n, w in released.items())
         assert moved > 0.5 * sum(int(m.sum()) for m in masks.values())
         assert all(not torch.equal(dense[n], w) for n, w in released.items())
