@@ -44,8 +44,10 @@ def optimizer_config(cfg: Config, lr: float | None = None, weight_decay: float |
 
 def build_optimizer(model: list, cfg: Config, decay_every_param: bool = False, **overrides):
     """megatron optimizer over the DDP-wrapped chunks (``overrides``: those of ``optimizer_config``); torch's
-    fused AdamW where megatron falls back to torch's optimizer on CPU. ``decay_every_param``: weight decay
-    on the 1-D parameters too (the attack grid's optimizers decay every parameter, as torch's do)."""
+    fused AdamW where megatron falls back to torch's optimizer on CPU. ``decay_every_param``: no
+    ``wd_mult=0`` group for the 1-D parameters (the attack grid's optimizers decay every parameter, as
+    torch's do). Megatron applies ``wd_mult`` only through its OptimizerParamScheduler (``build_scheduler``);
+    a caller that sets each step's lr itself gets ``weight_decay`` on every group either way."""
     optimizer = mcore.get_megatron_optimizer(optimizer_config(cfg, **overrides), model,
                                              config_overrides={} if decay_every_param else None)
     use_fused_cpu_adamw(optimizer)
