@@ -46,6 +46,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402,F401
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402,F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402,F401
 from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -135,6 +136,10 @@ def init_model_parallel(tp: int, pp: int, vpp: int | None = None, seed: int = 42
         virtual_pipeline_model_parallel_size=vpp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def model_parallel_is_initialized() -> bool:
+    return parallel_state.model_parallel_is_initialized()
 
 
 def destroy_model_parallel() -> None:

@@ -136,6 +136,28 @@ def attach_random_masks(chunks, cfg, density: float, seed: int = 7) -> None:
     masks.attach(chunks, cfg.model.vocab_size, local)
 
 
+def write_debug_release(directory, rho: float = 0.5) -> dict:
+    """A PMP-like release of the debug model in ``directory/pmp`` (fp32, a tiny sentencepiece tokenizer):
+    W0 of the public seed, the masked-in entries moved, the complement ``0.9 * W0``; its key
+    ``directory/key.safetensors``. Returns the paths, the masks and the weights (HF names)."""
+    from pmp_megatron.pmp import maskfile
+    from pmp_megatron.release.recovery import iter_w0
+    from pmp_megatron.release.writer import write_release
+
+    directory = Path(directory)
+    cfg = debug_config().model
+    gen = torch.Generator().manual_seed(0)
+    w0 = dict(iter_w0(cfg))
+    masks = {n: torch.rand(t.shape, generator=gen) < rho for n, t in w0.items()}
+    weights = {n: torch.where(masks[n], t + 0.02 * torch.randn(t.shape, generator=gen), 0.9 * t)
+               for n, t in w0.items()}
+    model = write_release(weights.items(), directory / "pmp", cfg, "float32", {"test": "debug"},
+                          tiny_sentencepiece(directory, vocab_size=cfg.vocab_size))
+    key = directory / "key.safetensors"
+    maskfile.save(masks, key, rho=rho, w0_seed=cfg.seed)
+    return {"model": str(model), "key": str(key), "masks": masks, "weights": weights}
+
+
 def tiny_sentencepiece(directory, vocab_size: int = 500) -> str:
     """Train a small byte-fallback BPE sentencepiece model on generated text; return its path."""
     import random

@@ -92,6 +92,7 @@ class _Progress:
 def run_cells(cells: list[Cell], ctx: AttackContext, results_path: str | Path,
               workers: int = 1) -> list[dict]:
     """Run every pending cell; return the new records. ``workers`` > 1 uses a spawn process pool."""
+    _refuse_megatron(ctx, "run_cells")
     todo = pending_cells(cells, results_path)
     logger.info("%d cells, %d already in %s, %d to run", len(cells), len(cells) - len(todo), results_path,
                 len(todo))
@@ -128,6 +129,13 @@ def run_cells(cells: list[Cell], ctx: AttackContext, results_path: str | Path,
                     finish(futures[fut], None, f"{type(err).__name__}: {err}")
     _raise_failed(failed)
     return new
+
+
+def _refuse_megatron(ctx: AttackContext, what: str) -> None:
+    if ctx is not None and ctx.suite.engine != "hf":  # (tests drive the executors without a context)
+        raise ValueError(f"suite {ctx.suite.name!r} has engine {ctx.suite.engine}: its cells run on the "
+                         "job's processes together (attack.megatron_engine.run_cells, pmp-attack under "
+                         f"torchrun or srun; slurm/README.md), not through {what}")
 
 
 def _init_worker(devices, level: int) -> None:
@@ -219,6 +227,7 @@ def run_cells_slurm(cells: list[Cell], ctx: AttackContext, results_path: str | P
     ``mem_gb``, ``account``, ``qos``, ``constraint``, ``folder`` (logs; default beside the results),
     ``cluster`` (submitit's; ``debug`` runs the array in this process, for tests).
     """
+    _refuse_megatron(ctx, "--slurm job arrays")
     try:
         import submitit
     except ImportError as err:

@@ -12,7 +12,7 @@ warmup.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -74,9 +74,9 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, adafactor, lion")
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LR multiplier per step: linear warmup, then constant / cosine / linear decay to 0."""
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The LR multiplier of optimizer step ``step`` (0-based): linear warmup, then constant / cosine /
+    linear decay to 0. Both engines read it (``build_schedule``; the megatron engine sets each step's lr)."""
     if schedule not in ("constant", "cosine", "linear"):
         raise ValueError(f"unknown schedule {schedule!r}; known: constant, cosine, linear")
 
@@ -90,4 +90,10 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LR multiplier per step (``lr_factor``) as a torch scheduler."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, warmup_steps, total_steps))

@@ -129,12 +129,29 @@ def prepare(suite: str, model: str, dense_model: str | None = None, mask: str | 
 
 
 def run_suite(suite: str, model: str, out: str, workers: int = 1, slurm: str | None = None,
-              report_dir: str | None = None, **inputs) -> dict:
-    """Run (or resume) a suite and return the report summary; ``inputs`` go to ``prepare``."""
+              report_dir: str | None = None, **inputs) -> dict | None:
+    """Run (or resume) a suite and return the report summary; ``inputs`` go to ``prepare``.
+
+    A suite with ``engine: megatron`` runs on this job's processes together (every rank calls this):
+    ``cell_loop.Preempted`` when a preemption signal stopped it (its ``exit_code`` is the job's),
+    and None on every rank but global rank 0, which writes the results and the report."""
     from pmp_megatron.attack import execute, report
 
     cells, ctx = prepare(suite, model, **inputs)
-    if slurm:
+    if ctx.suite.engine == "megatron":
+        from pmp_megatron.attack import megatron_engine
+
+        if workers > 1 or slurm:
+            raise ValueError("--workers and --slurm run HF cells; a suite with engine megatron runs on the "
+                             "processes of one torchrun / srun job (slurm/README.md)")
+        code = megatron_engine.run_cells(cells, ctx, out)
+        if code:
+            from pmp_megatron.attack.cell_loop import Preempted
+
+            raise Preempted("preempted: the interrupted cell's state is saved; rerun to resume", code)
+        if not megatron_engine.is_main():
+            return None
+    elif slurm:
         execute.run_cells_slurm(cells, ctx, out, execute.parse_slurm_options(slurm))
     else:
         execute.run_cells(cells, ctx, out, workers=workers)

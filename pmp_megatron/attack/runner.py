@@ -42,7 +42,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pmp_megatron.attack import tasks
+from pmp_megatron.attack import cell_loop, tasks
 from pmp_megatron.attack.optimizers import build_optimizer, build_schedule
 from pmp_megatron.attack.suite import (
     ADAPTIVE_ATTACKERS,
@@ -92,6 +91,11 @@ def set_trained_state_hook(fn: Callable[[Cell, dict[str, torch.Tensor]], None] |
     """TEST-ONLY: call ``fn(cell, effective HF weights on CPU)`` after each in-process cell trains."""
     global _TRAINED_STATE_HOOK
     _TRAINED_STATE_HOOK = fn
+
+
+def trained_state_hook() -> Callable[[Cell, dict[str, torch.Tensor]], None] | None:
+    """The hook of ``set_trained_state_hook`` (the megatron engine calls it too; set it on every rank)."""
+    return _TRAINED_STATE_HOOK
 
 
 def set_lr_hook(fn: Callable[[Cell, float], float] | None) -> None:
@@ -172,17 +176,29 @@ _RECOVERED: dict[tuple, tuple[dict[str, torch.Tensor], dict]] = {}
 
 
 def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tuple[dict | None, dict]:
-    """The trainable-entry mask of the cell's attacker (None: everything), and recovery metrics."""
+    """The trainable-entry mask of the cell's attacker on the HF ``model`` (None: everything), and recovery
+    metrics."""
+    params = dict(model.named_parameters())
+    return release_mask(cell, ctx, weight_shapes(params), lambda: {n: p.detach() for n, p in params.items()},
+                        next(iter(params.values())).device)
+
+
+def release_mask(cell: Cell, ctx: AttackContext, shapes: dict[str, tuple[int, ...]],
+                 weights: Callable[[], dict[str, torch.Tensor]],
+                 device: torch.device) -> tuple[dict | None, dict]:
+    """The attacker's mask (HF name -> bool tensor on ``device``; None: every entry trains) and recovery
+    metrics, from the release's tensor ``shapes`` and its fp32 ``weights`` (called only by the recovery
+    attackers): what ``attacker_mask`` gives for a loaded model, for engines that hold none."""
     if cell.attacker == "unauthorized":
         return None, {}
     if cell.attacker == "unauthorized_frozen_embedding":
-        masks = {n: torch.full(p.shape, n != INPUT_EMBEDDING, dtype=torch.bool, device=p.device)
-                 for n, p in model.named_parameters()}
+        masks = {n: torch.full(shape, n != INPUT_EMBEDDING, dtype=torch.bool, device=device)
+                 for n, shape in shapes.items()}
         return masks, {"mask_density": recovery.mask_density(masks)}
     true = None
     if ctx.mask_path is not None:
-        true = {n: m.to(next(model.parameters()).device) for n, m in load_true_mask(ctx.mask_path)[0].items()}
-        check_mask_names(true, weight_shapes(dict(model.named_parameters())), f"mask file {ctx.mask_path}")
+        true = {n: m.to(device) for n, m in load_true_mask(ctx.mask_path)[0].items()}
+        check_mask_names(true, shapes, f"mask file {ctx.mask_path}")
     if cell.attacker in KEYED_ATTACKERS:
         if true is None:
             raise ValueError(f"attacker {cell.attacker!r} needs the owner's mask file")
@@ -195,7 +211,6 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
            None if ctx.regen_config is None else dataclasses.astuple(ctx.regen_config))
     if key not in _RECOVERED:
         start = time.time()
-        weights = {n: p.detach() for n, p in model.named_parameters()}
         w0 = arch = candidates = None
         if cell.attacker == "recovery_init":
             if ctx.regen_config is None:
@@ -209,10 +224,10 @@ def attacker_mask(cell: Cell, ctx: AttackContext, model: torch.nn.Module) -> tup
             batches = adaptive_recovery.attacker_batches(ctx.models[cell.role], spec.adaptive_batches)
             masks, info = adaptive_recovery.recover_adaptive(
                 cell.attacker, ctx.models[cell.role], batches, spec.density, spec.adaptive_batches,
-                spec.stage1_steps, device=str(next(model.parameters()).device))
+                spec.stage1_steps, device=str(device))
         else:
             dtype = release_dtype(read_config(ctx.models[cell.role]))
-            masks, info = recovery.recover(cell.attacker, weights, spec.density, w0, dtype, spec.init_rule,
+            masks, info = recovery.recover(cell.attacker, weights(), spec.density, w0, dtype, spec.init_rule,
                                            spec.init_tolerance, model_cfg=arch, candidates=candidates)
         info["recovery_s"] = round(time.time() - start, 3)
         if true is not None:
@@ -480,15 +495,59 @@ def _measure(cell: Cell, ctx: AttackContext, model, data: tasks.TaskData, pre, d
     return loss, score, pre_loss
 
 
+def cell_lr(cell: Cell) -> float:
+    """The learning rate the cell's optimizer is built with (the adversary's, unless a test hook says)."""
+    return cell.adversary.lr if _LR_HOOK is None else _LR_HOOK(cell, cell.adversary.lr)
+
+
+def pretraining_data(ctx: AttackContext, role: str) -> tasks.TaskData | None:
+    """The suite's pretraining-domain eval set, tokenized by the release of ``role`` (None without one)."""
+    suite = ctx.suite
+    if suite.pretraining_eval is None:
+        return None
+    return _task(ctx.models[role], suite.pretraining_eval, suite.seq_length, suite.eval_blocks)
+
+
+class _HFTrainee:
+    """One HF model and its optimizer as the trainee of ``cell_loop``: a step is forward (HF's mean over
+    the batch's non-ignored label tokens), backward, the mask guard, clipping, the optimizer step and the
+    schedule."""
+
+    def __init__(self, cell: Cell, ctx: AttackContext, model, optimizer, schedule, params, guard, device,
+                 amp):
+        self.cell, self.ctx, self.model, self.device, self.amp = cell, ctx, model, device, amp
+        self.optimizer, self.schedule, self.params, self.guard = optimizer, schedule, params, guard
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.amp():
+            loss = self.model(input_ids=x, labels=y).loss
+        loss.backward()
+        if self.guard is not None:
+            self.guard.mask_grads()
+        if self.cell.adversary.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cell.adversary.clip_grad)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.guard is not None:
+            self.guard.restore()
+        return loss.detach()
+
+    def evaluate(self, data: tasks.TaskData) -> tuple[float, float]:
+        return evaluate(self.model, data, self.ctx.suite.eval_batch_size, self.device, self.amp)
+
+    def lm_eval_score(self) -> float:
+        return lm_eval_score(self.model, self.cell.task, self.ctx.models[self.cell.role], self.device)
+
+
 def _attack(cell: Cell, ctx: AttackContext, model, device: torch.device) -> tuple[dict, object]:
     suite, adv = ctx.suite, cell.adversary
-    model_dir = ctx.models[cell.role]
     data = task_data(cell, ctx)
-    pre = None if suite.pretraining_eval is None else _task(
-        model_dir, suite.pretraining_eval, suite.seq_length, suite.eval_blocks)
+    pre = pretraining_data(ctx, cell.role)
     amp = _amp(suite.precision, device)
     masks, mask_info = attacker_mask(cell, ctx, model)
-    before, score_before, pre_before = _measure(cell, ctx, model, data, pre, device, amp)
+    before = _measure(cell, ctx, model, data, pre, device, amp)
     torch.manual_seed(cell.seed)  # LoRA init (and anything random in training) follows the cell's seed
     num_base = sum(p.numel() for p in model.parameters())
     guard = peft_model = None
@@ -499,79 +558,14 @@ def _attack(cell: Cell, ctx: AttackContext, model, device: torch.device) -> tupl
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params) if masks is None or adv.method == "lora" else sum(
         int(m.sum()) for m in masks.values())
-    lr = adv.lr if _LR_HOOK is None else _LR_HOOK(cell, adv.lr)
-    optimizer = build_optimizer(adv.optimizer, params, lr, adv.weight_decay)
+    optimizer = build_optimizer(adv.optimizer, params, cell_lr(cell), adv.weight_decay)
     schedule = build_schedule(optimizer, adv.schedule, adv.warmup_steps, adv.steps)
     model.train()
-    lm_eval_task = cell.task.kind == "lm_eval"
-    curve, score_curve = [[0, before]], [[0, score_before]]
-    step_losses = torch.full((adv.steps,), math.nan, device=device)  # read once, after training
-    ran = 0
-    for step, (x, y) in enumerate(tasks.train_batches(data, adv.batch_size, adv.steps, cell.seed), start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp():
-            loss = model(input_ids=x, labels=y).loss
-        loss.backward()
-        if guard is not None:
-            guard.mask_grads()
-        if adv.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, adv.clip_grad)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if guard is not None:
-            guard.restore()
-        step_losses[step - 1] = loss.detach()
-        ran = step
-        if suite.eval_every and step % suite.eval_every == 0 and step < adv.steps:
-            if not bool(torch.isfinite(step_losses[:step]).all()):  # one read per eval, not per step
-                break
-            loss_now, score_now = evaluate(model, data, suite.eval_batch_size, device, amp)
-            curve.append([step, loss_now])
-            if not lm_eval_task:
-                score_curve.append([step, score_now])
-    losses = step_losses[:ran].cpu()
-    bad = (~torch.isfinite(losses)).nonzero()
-    diverged = bad.numel() > 0
-    steps_done = int(bad[0]) + 1 if diverged else ran  # the cell counts up to its first non-finite loss
-    train_losses = losses[: steps_done - 1 if diverged else ran].tolist()
-    if diverged:
-        logger.warning("cell %s diverged at step %d (loss %s)", cell.id, steps_done, losses[steps_done - 1])
-    after = pre_after = score_after = None
-    if not diverged:
-        after, score_after = evaluate(model, data, suite.eval_batch_size, device, amp)
-        if not math.isfinite(after):
-            diverged, after, score_after = True, None, None
-        else:
-            if lm_eval_task:
-                score_after = lm_eval_score(model, cell.task, model_dir, device)
-            curve.append([adv.steps, after])
-            score_curve.append([adv.steps, score_after])
-            pre_after = None if pre is None else evaluate(model, pre, suite.eval_batch_size, device, amp)[0]
+    trainee = _HFTrainee(cell, ctx, model, optimizer, schedule, params, guard, device, amp)
+    progress = cell_loop.Progress.start(adv.steps, before[0], before[1], device)
+    cell_loop.train(cell, suite, data, trainee, progress)
+    record = cell_loop.finish(cell, ctx, data, pre, trainee, progress, before, mask_info,
+                              trainable / num_base)
     if _TRAINED_STATE_HOOK is not None:
         _TRAINED_STATE_HOOK(cell, effective_state(model, masks))
-    finite = [v for _, v in curve if math.isfinite(v)]
-    metric = f"lm_eval:{cell.task.metric or 'acc'}" if lm_eval_task else data.metric
-    return {
-        "id": cell.id, "status": "diverged" if diverged else "ok",
-        "role": cell.role, "model": str(model_dir), "model_id": ctx.model_ids[cell.role],
-        "rho": ctx.rho if cell.role == "pmp" else None, "suite": suite.name,
-        "task": cell.task.name, "kind": cell.task.kind, "metric": metric,
-        "attacker": cell.attacker, "adversary": adv.label,
-        **{f"adv_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(adv).items()},
-        "seed": cell.seed, "tokens": steps_done * adv.batch_size * suite.seq_length,
-        "task_loss_before": before, "task_loss_after": after,
-        "gain": None if after is None else before - after,
-        "gain_best_checkpoint": None if diverged else before - min(finite),
-        "score_before": score_before, "score_after": score_after,
-        "score_gain": None if score_after is None else score_after - score_before,
-        "curve": curve, "score_curve": score_curve,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "pretrain_loss_before": pre_before, "pretrain_loss_after": pre_after,
-        "forgetting": None if pre_after is None else pre_after - pre_before,
-        "trainable_fraction": trainable / num_base,
-        "iou": mask_info.get("iou"), "mask_density": mask_info.get("mask_density"),
-        "true_density": mask_info.get("true_density"), "density_estimate": mask_info.get("density_estimate"),
-        "recovery_s": mask_info.get("recovery_s"),
-    }, peft_model
+    return record, peft_model

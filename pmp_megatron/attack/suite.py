@@ -48,6 +48,19 @@ seed of ``seeds`` (the data order and the LoRA init). On the PMP release every a
 adversary; on the references (``dense``, ``dense_matched``: other releases; ``scratch``: built from the
 PMP release's config.json with a fresh random init, never the owner's W0) only ``unauthorized`` runs.
 
+``engine`` says who fine-tunes: ``hf`` (the default: one process per cell holding a full Hugging Face model,
+``attack.runner``) or ``megatron`` (the release loaded once per job into megatron-core chunks at the layout
+of ``megatron:``, every cell fine-tuned by the project's engine: ``attack.megatron_engine``)::
+
+    engine: megatron
+    megatron: {tensor_model_parallel_size: 2, pipeline_model_parallel_size: 1, micro_batch_size: null}
+
+The engine enters the ids of megatron cells only (hf ids stay what they were); the layout enters no id
+(any layout gives one cell's numbers to a stated tolerance). What the megatron engine does not run is
+refused at load with the adversary, attacker or task named: LoRA (peft is HF-only), the Lion and Adafactor
+optimizers (megatron-core has AdamW and SGD), the adaptive key attackers (their own HF passes over the
+whole model) and ``lm_eval`` tasks (scored through an HF model).
+
 ``decision`` is parsed by ``attack.decision.parse_rule`` at load time (unknown keys or statistics are
 named); ``pmp-attack report`` applies it to ``attack.stats.headline`` per task.
 
@@ -101,6 +114,8 @@ _ADAPTIVE_KEYS = ("adaptive_batches", "stage1_steps")  # RecoverySpec fields onl
 DENSE_ATTACKERS = ("unauthorized",)
 INIT_RULES = ("threshold", "topk")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("hf", "megatron")
+MEGATRON_OPTIMIZERS = ("adamw", "sgd")  # the grid's optimizers megatron-core steps (attack.megatron_engine)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -169,6 +184,16 @@ class RecoverySpec:
     stage1_steps: int = 8  # recovery_stage1: Stage-I steps the attacker replicates from its own init
 
 
+@dataclass(frozen=True)
+class MegatronLayout:
+    """How ``engine: megatron`` lays a release out over a job's processes (the data-parallel size is what
+    the world size leaves: world / (TP * PP))."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int | None = None  # rows per micro-batch per DP rank (None: the DP rank's whole share)
+
+
 @dataclass
 class Suite:
     """A validated attack suite."""
@@ -187,6 +212,8 @@ class Suite:
     adversaries: list[Adversary] = field(default_factory=list)
     scratch: bool = False  # run the from-scratch control (role ``scratch``)
     decision: Any = None  # attack.decision.Rule, or None (the report then gives no verdict)
+    engine: str = "hf"  # hf | megatron: who fine-tunes each cell
+    megatron: MegatronLayout | None = None  # engine megatron: the layout (default TP = PP = 1)
 
     def settings(self) -> dict:
         """The suite-level values every cell's numbers depend on (part of every cell id)."""
@@ -414,6 +441,12 @@ def suite_from_dict(data: dict) -> Suite:
     scratch = data.get("scratch", False)
     if not isinstance(scratch, bool):
         raise ValueError(f"suite.scratch must be true or false, got {scratch!r}")
+    engine = _choice(data.get("engine", "hf"), ENGINES, "suite.engine")
+    layout = None
+    if engine == "megatron":
+        layout = _layout(data.get("megatron") or {})
+    elif data.get("megatron") is not None:
+        raise ValueError("suite.megatron is given but suite.engine is hf: set engine: megatron or drop it")
     suite = Suite(
         name=str(data.get("name", "suite")), tasks=tasks,
         pretraining_eval=None if pre is None else _task(pre, "suite.pretraining_eval"),
@@ -423,8 +456,42 @@ def suite_from_dict(data: dict) -> Suite:
         eval_every=_number(data.get("eval_every", 0), "suite.eval_every", int, 0),
         seeds=seeds or [0], attackers=list(dict.fromkeys(attackers)),
         precision=_choice(data.get("precision", "auto"), PRECISIONS, "suite.precision"),
-        recovery=recovery, adversaries=adversaries, scratch=scratch, decision=decision)
+        recovery=recovery, adversaries=adversaries, scratch=scratch, decision=decision, engine=engine,
+        megatron=layout)
+    if engine == "megatron":
+        _check_megatron(suite)
     return suite
+
+
+def _layout(data: Any) -> MegatronLayout:
+    _check_keys(data, [f.name for f in dataclasses.fields(MegatronLayout)], "suite.megatron")
+    mbs = data.get("micro_batch_size")
+    return MegatronLayout(
+        tensor_model_parallel_size=_number(data.get("tensor_model_parallel_size", 1),
+                                           "suite.megatron.tensor_model_parallel_size", int, 1),
+        pipeline_model_parallel_size=_number(data.get("pipeline_model_parallel_size", 1),
+                                             "suite.megatron.pipeline_model_parallel_size", int, 1),
+        micro_batch_size=None if mbs is None else _number(mbs, "suite.megatron.micro_batch_size", int, 1))
+
+
+def _check_megatron(suite: Suite) -> None:
+    """Refuse what ``engine: megatron`` does not run, naming it (one line each)."""
+    for adv in suite.adversaries:
+        if adv.method == "lora":
+            raise ValueError(f"adversary {adv.label}: LoRA is HF-only (peft) and does not run on engine "
+                             "megatron; drop it from the suite or use engine: hf")
+        if adv.optimizer not in MEGATRON_OPTIMIZERS:
+            raise ValueError(f"adversary {adv.label}: optimizer {adv.optimizer} is not on the megatron "
+                             f"engine (it steps {', '.join(MEGATRON_OPTIMIZERS)}); drop it or use engine: hf")
+    for attacker in suite.attackers:
+        if attacker in ADAPTIVE_ATTACKERS:
+            raise ValueError(f"attacker {attacker} runs its own Hugging Face passes over the whole model "
+                             "and does not run on engine megatron; drop it from suite.attackers or use "
+                             "engine: hf")
+    for task in suite.tasks:
+        if task.kind == "lm_eval":
+            raise ValueError(f"task {task.name!r} (kind lm_eval) is scored by lm-evaluation-harness through "
+                             "a Hugging Face model, not on engine megatron; drop it or use engine: hf")
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
@@ -494,5 +561,7 @@ def expand_cells(suite: Suite, model_ids: dict[str, str], mask_sha256: str | Non
                                        and (k not in _ADAPTIVE_KEYS or attacker in ADAPTIVE_ATTACKERS)}
             if attacker == "recovery_init":
                 payload["regen"] = regen_id
+            if suite.engine != "hf":  # hf ids stay what they were
+                payload["engine"] = suite.engine
             cells.append(Cell(role, attacker, adv, task, seed, _cell_id(payload)))
     return cells

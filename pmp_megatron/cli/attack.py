@@ -7,6 +7,10 @@
                [--dense-matched-model DIR]
     pmp-attack report RESULTS.jsonl [MORE.jsonl ...] --out DIR [--suite SUITE.yaml]
 
+A suite with ``engine: megatron`` runs under torchrun or srun (every rank runs this command; global rank
+0 writes the results and the report); a preemption signal (SIGTERM / SIGUSR2) saves the running cell and
+exits 42 for a requeue, and the rerun resumes that cell.
+
 The report leads with the verdict of the suite's pre-registered decision rule (``decision:``) and the
 intervals that decided it; ``report`` needs ``--suite`` for it.
 
@@ -80,8 +84,15 @@ def _attack(argv: list[str]) -> int:
             sys.stdout.write(f"{cell.id} {cell.role} {cell.attacker} {cell.task_name} {cell.adversary.label} "
                              f"{cell.seed}\n")
         return 0
-    summary = run_suite(args.suite, args.model, args.out, args.workers, args.slurm, args.report, **inputs)
-    sys.stdout.write(format_summary(summary) + "\n")
+    from pmp_megatron.attack.cell_loop import Preempted
+
+    try:
+        summary = run_suite(args.suite, args.model, args.out, args.workers, args.slurm, args.report, **inputs)
+    except Preempted as stop:
+        logging.getLogger("pmp_megatron.attack").warning("%s", stop)
+        return stop.exit_code
+    if summary is not None:  # engine megatron: global rank 0 reports
+        sys.stdout.write(format_summary(summary) + "\n")
     return 0
 
 

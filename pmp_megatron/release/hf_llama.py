@@ -152,12 +152,16 @@ def from_hf(hf_tensors: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> d
     for hf, shape in expected.items():
         if tuple(hf_tensors[hf].shape) != shape:
             raise ValueError(f"HF tensor {hf!r} has shape {tuple(hf_tensors[hf].shape)}, expected {shape}")
-    out = {}
-    for name in canonical_shapes(model_cfg):
-        rule, layer = _rule(name)
-        parts = [hf_tensors[hf.format(i=layer)] for hf in rule.hf]
-        out[name] = rule.merge(parts, model_cfg) if rule.merge else parts[0]
-    return out
+    get = hf_tensors.__getitem__
+    return {name: canonical_tensor(name, get, model_cfg) for name in canonical_shapes(model_cfg)}
+
+
+def canonical_tensor(name: str, get: Callable[[str], torch.Tensor], model_cfg: ModelConfig) -> torch.Tensor:
+    """ONE canonical tensor (a weight or its bool mask) from its HF part(s), each read through ``get(HF
+    name)``: a loader that places one global tensor at a time never holds the whole release."""
+    rule, layer = _rule(name)
+    parts = [get(hf.format(i=layer)) for hf in rule.hf]
+    return rule.merge(parts, model_cfg) if rule.merge else parts[0]
 
 
 def hf_config(model_cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | None = 1,

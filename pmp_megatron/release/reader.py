@@ -2,12 +2,13 @@
 
 The one reader of such directories, used by the leakage audit, the attack runner and CLI, and
 ``to_megatron``: ``config.json``, the release dtype, the tensor shapes (from the safetensors headers, no
-tensor data read), the tensors themselves (``*.safetensors``, single or sharded) and the tokenizer
-(``ReleaseTokenizer``).
+tensor data read), the tensors themselves (``*.safetensors``, single or sharded; all at once, or one at a
+time through ``TensorReader`` for the megatron attack engine) and the tokenizer (``ReleaseTokenizer``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -63,6 +64,38 @@ def read_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for path in files:
         weights.update(load_file(str(path)))
     return weights, hf_cfg
+
+
+class TensorReader:
+    """One tensor at a time from a directory's ``*.safetensors`` (single or sharded), as stored: a loader
+    that places each global tensor on its ranks reads only what it places. A context manager (the files
+    stay open inside it)."""
+
+    def __init__(self, model_dir: str | Path):
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{str(model_dir)!r} has no *.safetensors weights (only safetensors are read)")
+        self._stack = contextlib.ExitStack()
+        self._where = {}
+        for path in files:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            self._where.update({name: handle for name in handle.keys()})
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise ValueError(f"tensor {name!r} is not in the release")
+        return self._where[name].get_tensor(name)
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
 
 class ReleaseTokenizer:

@@ -183,7 +183,8 @@ class Adversary:
         self.fine_tune(plan, masked)
         for m in self.model:
             m.zero_grad_buffer()
-        value = forward_backward(self.model, self._batches(plan.probe), self.cfg, step_func=step_func)
+        value = forward_backward(self.model, self._batches(plan.probe), self.cfg,
+                                 forward_step_func=step_func)
         with torch.no_grad():
             for p, g, w in zip(self.params, total, start, strict=True):
                 g.add_(p.main_grad, alpha=weight)

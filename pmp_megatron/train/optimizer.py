@@ -19,10 +19,13 @@ from pmp_megatron.config import Config
 
 
 def optimizer_config(cfg: Config, lr: float | None = None, weight_decay: float | None = None,
-                     clip_grad: float | None = None):
+                     clip_grad: float | None = None, optimizer: str = "adam", sgd_momentum: float = 0.9):
+    """megatron's OptimizerConfig from ``cfg.optim`` (and the overrides): ``adam`` is AdamW (decoupled
+    weight decay); ``sgd`` is SGD with ``sgd_momentum`` and L2 weight decay."""
     o, m = cfg.optim, cfg.model
     return mcore.OptimizerConfig(
-        optimizer="adam",
+        optimizer=optimizer,
+        sgd_momentum=sgd_momentum,
         lr=o.lr if lr is None else lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay if weight_decay is None else weight_decay,
@@ -39,10 +42,14 @@ def optimizer_config(cfg: Config, lr: float | None = None, weight_decay: float |
     )
 
 
-def build_optimizer(model: list, cfg: Config, **overrides):
-    """megatron optimizer over the DDP-wrapped chunks (``overrides``: lr, weight_decay, clip_grad); torch's
-    fused AdamW where megatron falls back to torch's optimizer on CPU."""
-    optimizer = mcore.get_megatron_optimizer(optimizer_config(cfg, **overrides), model)
+def build_optimizer(model: list, cfg: Config, decay_every_param: bool = False, **overrides):
+    """megatron optimizer over the DDP-wrapped chunks (``overrides``: those of ``optimizer_config``); torch's
+    fused AdamW where megatron falls back to torch's optimizer on CPU. ``decay_every_param``: no
+    ``wd_mult=0`` group for the 1-D parameters (the attack grid's optimizers decay every parameter, as
+    torch's do). Megatron applies ``wd_mult`` only through its OptimizerParamScheduler (``build_scheduler``);
+    a caller that sets each step's lr itself gets ``weight_decay`` on every group either way."""
+    optimizer = mcore.get_megatron_optimizer(optimizer_config(cfg, **overrides), model,
+                                             config_overrides={} if decay_every_param else None)
     use_fused_cpu_adamw(optimizer)
     return optimizer
 

@@ -69,18 +69,18 @@ def forward_step(data_iterator, model):
 
 
 def forward_backward(model: list, microbatches: list[dict], cfg: Config, forward_only: bool = False,
-                     step_func: Callable = forward_step) -> float:
+                     forward_step_func: Callable = forward_step) -> float:
     """Run all ``microbatches`` through the pipeline schedule; return the mean token loss on every rank.
-    ``step_func`` is megatron's forward_step_func (default: the language-modelling loss); its loss function
-    reports ``{"lm loss": [sum, tokens]}`` like ``_loss_func``.
 
     ``model`` is the list of (DDP-wrapped) chunks. Each chunk gets its own iterator over the same
     microbatches: every chunk sees every microbatch once, in order, under every schedule.
+    ``forward_step_func`` (default ``forward_step``) may compute its own loss; its loss function must
+    return ``(loss sum, token count, {"lm loss": [loss sum, token count]})`` like ``_loss_func``.
     """
     iters = [iter(microbatches) for _ in model]
     seq_len = microbatches[0]["tokens"].shape[1]
     reduced = mcore.get_forward_backward_func()(
-        forward_step_func=step_func,
+        forward_step_func=forward_step_func,
         data_iterator=iters if len(model) > 1 else iters[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -114,13 +114,15 @@ def zero_grads(model: list, optimizer) -> None:
 
 
 def train_step(model: list, optimizer, microbatches: list[dict], cfg: Config,
-               after_backward: Callable[[], None] | None = None) -> StepResult:
+               after_backward: Callable[[], None] | None = None,
+               forward_step_func: Callable = forward_step) -> StepResult:
     """One optimizer step over ``microbatches`` (this DP rank's share of the global batch): zero the
     gradients, forward-backward (gradients reduced into ``main_grad``), then ``optimizer.step`` (clipping
     inside). ``after_backward`` runs between the two, when the reduced gradients are complete (Stage I
-    ranks them there). The LR schedule and the PMP complement policy are the caller's."""
+    ranks them there). The LR schedule and the PMP complement policy are the caller's. ``forward_step_func``:
+    as in ``forward_backward``."""
     zero_grads(model, optimizer)
-    loss = forward_backward(model, microbatches, cfg)
+    loss = forward_backward(model, microbatches, cfg, forward_step_func=forward_step_func)
     if after_backward is not None:
         after_backward()
     ok, grad_norm, _ = optimizer.step()
