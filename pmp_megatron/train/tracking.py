@@ -7,7 +7,8 @@ at the first metrics write, after Stage I, on rank 0 only).
 
 Both trackers get the same scalars, ``scalars(record)``: each number of a metrics record as
 ``<stage>/<key>`` at its step, except the private mask's structure (Stage I's ``embedding_row_coverage``
-and ``density_<type>``, ``discovery.mask_statistics``), which stays in the owner's ``metrics.jsonl``: a
+and ``density_<type>``, ``discovery.mask_statistics``) and how the simulated mask-only fine-tune of
+adversarial Stage II does (``adversarial_key_loss``), which stay in the owner's ``metrics.jsonl``: a
 tracker's files are made to be shared, and wandb's online mode uploads them. No config goes to wandb:
 in memory it holds the secret W0 seed.
 """
