@@ -11,6 +11,7 @@ launch         Slurm submission (``cli/launch.py``)
 quickstart     the whole loop on the debug model on CPU (``cli/quickstart.py``)
 dense-matched  the dense control whose base loss matches a PMP run's (``cli/dense_matched.py``)
 preprocess     tokenizer + Megatron indexed dataset from JSONL, text or builtins (``cli/preprocess.py``)
+eval           lm-evaluation-harness on a release, offline (``cli/evaluate.py``)
 =============  ===================================================================================
 
 A user error (a bad value, a missing or refused file, a full disk) prints ONE line naming the file or
@@ -34,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "quickstart": "pmp_megatron.cli.quickstart:main",
     "dense-matched": "pmp_megatron.cli.dense_matched:main",
     "preprocess": "pmp_megatron.cli.preprocess:main",
+    "eval": "pmp_megatron.cli.evaluate:main",
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError,
@@ -106,3 +108,4 @@ launch_main = _console("launch")
 quickstart_main = _console("quickstart")
 dense_matched_main = _console("dense-matched")
 preprocess_main = _console("preprocess")
+eval_main = _console("eval")

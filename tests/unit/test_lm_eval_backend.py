@@ -93,3 +93,29 @@ def test_committed_task_data_matches_its_generator(tmp_path):
         pytest.skip("the shipped data was written from Python 3.12.1's standard library")
     (path,) = lm_eval_backend.write_task_data(tmp_path)
     assert path.read_bytes() == shipped.read_bytes()
+
+
+def test_pmp_eval_scores_a_release_with_a_shipped_task_offline(release, tmp_path, capsys):
+    """``pmp-eval``: the same numbers as the backend, written as JSON and a table, offline."""
+    from pmp_megatron import cli
+
+    out = tmp_path / "eval"
+    assert cli.run("eval", [str(release), "--tasks", TASK, "--limit", "12", "--out", str(out)]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    assert record["tasks"] == lm_eval_backend.score(release, [TASK], limit=12)
+    acc = record["tasks"][TASK]["acc"]
+    table = (out / "eval.md").read_text()
+    assert f"| {TASK} | acc | {acc:.4f} |" in table and table in capsys.readouterr().out
+
+
+def test_pmp_eval_names_a_task_that_cannot_load_before_loading_the_model(tmp_path, release, capsys):
+    from pmp_megatron import cli
+
+    _task_yaml(tmp_path, "no_data", "dataset_path: json\ndataset_kwargs: {data_files: {test: gone.jsonl}}")
+    code = cli.run("eval", [str(release), "--tasks", "no_data", "--include-path", str(tmp_path),
+                            "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pmp-eval: error: lm-eval task 'no_data'" in err
+    assert not (tmp_path / "out").exists()
+    assert cli.run("eval", [str(tmp_path), "--tasks", TASK]) == 2  # no config.json: not a release
+    assert "has no config.json" in capsys.readouterr().err
