@@ -298,6 +298,10 @@ class Config:
             _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                    f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                    f"train.micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp})")
+            inner = pmp.adversarial.inner_batch_size
+            _check(not pmp.adversarial.enabled or inner % (t.micro_batch_size * dp) == 0,
+                   f"pmp.adversarial.inner_batch_size ({inner}) must be divisible by "
+                   f"train.micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp})")
         _check(pmp.mode != "pmp" or pmp.rho is not None, "pmp.rho is required when pmp.mode is 'pmp'")
         _check(pmp.rho is None or 0.0 < pmp.rho <= 1.0, f"pmp.rho must be in (0, 1], got {pmp.rho}")
         _check(self.optim.lr_warmup_steps < t.train_steps or self.optim.lr_decay_style == "constant",

@@ -142,3 +142,13 @@ def test_trackers_get_the_keyless_statistics_but_not_the_keys():
               "adversarial_key_loss": 2.5}
     assert scalars(record) == {"train/loss": 3.0, "train/adversarial_lr": 1e-3,
                                "train/adversarial_keyless": 5.1}
+
+
+def test_inner_batch_not_split_over_the_data_parallel_ranks_fails_before_compute():
+    from pmp_megatron.config import load_config as load
+
+    ok = [*ON, "train.micro_batch_size=2", "train.global_batch_size=16", "pmp.adversarial.inner_batch_size=8"]
+    assert load(DEBUG, ok, world_size=4).pmp.adversarial.inner_batch_size == 8  # 8 = 2 x DP 4
+    with pytest.raises(ValueError, match=r"pmp\.adversarial\.inner_batch_size \(8\) must be divisible by "
+                                         r"train\.micro_batch_size \* data-parallel size \(2 \* 8\)"):
+        load(DEBUG, ok, world_size=8)
