@@ -192,9 +192,9 @@ def write_experiment_report(work: Path, out: Path, suite_path: str, ids: dict[st
     records = [r for r in read_results(work / "results.jsonl") if r.get("id") in all_ids]
     if not records:
         raise RuntimeError(f"no attack results for this experiment's releases in {work / 'results.jsonl'}")
-    with open(out / "results.jsonl", "w") as f:
+    with open(out / "results.jsonl", "w") as f:  # the release named by its directory, not the owner's path
         for r in sorted(records, key=lambda r: r["id"]):
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.write(json.dumps({**r, "model": Path(r["model"]).name}, sort_keys=True) + "\n")
     run_names = [n for n in ("dense", *ids) if (work / "runs" / n / "metrics.jsonl").is_file()]
     metrics = {n: read_metrics(work / "runs" / n) for n in run_names}
     final_valid = {n: m["valid"][-1][1] for n, m in metrics.items()}

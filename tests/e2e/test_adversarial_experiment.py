@@ -53,6 +53,8 @@ def test_outputs_are_text_and_png_only_and_keep_the_secrets(experiment):
     assert seed not in log
     for run in PMP_RUNS:
         assert stat.S_IMODE((work / "private" / f"{run}.safetensors").stat().st_mode) == 0o600
+    published = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert published and all("/" not in r["model"] for r in published)  # a release's name, no owner path
     metrics = (work / "runs" / "adversarial" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in metrics]
     adversarial = [r for r in records if r.get("stage") == "train" and "adversarial_lr" in r]

@@ -53,6 +53,8 @@ def test_outputs_are_text_and_png_only_and_keep_the_secrets(experiment):
         if path.suffix != ".png":
             assert seed not in path.read_text(errors="replace"), path
     assert seed not in log
+    published = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert published and all("/" not in r["model"] for r in published)  # a release's name, no owner path
     for run in PMP_RUNS:
         assert (out / "attacks" / run / "report.md").is_file()
         key = work / "private" / f"{run}.safetensors"
