@@ -20,10 +20,7 @@ marked partial.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -99,25 +96,15 @@ def main(argv=None) -> int:
     timings["attacks_s"] = round(time.time() - t)
     logger.info("[5/5] report -> %s", out)
     from adversarial_report import comparison
-    from results_report import write_experiment_report
 
     sim = simulated(args.scale)
-    meta = {"command": f"python tools/run_adversarial_experiment.py --scale {args.scale}",
-            "scale": args.scale, "scale_settings": asdict(scale), "adversarial_overrides": EXTRA[args.scale],
-            "complete": pretrained and attacked, "budget_minutes": args.budget_minutes,
-            "this_invocation_s": {**timings, "total_s": round(time.time() - budget.start)},
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": __import__("torch").__version__}
-    if not ids:
-        logger.warning("nothing attacked yet (budget reached); rerun to continue")
-        return 3
-    summary = write_experiment_report(
-        work, out, SUITES[args.scale], ids, audits, meta, title=TITLE, preregistration=PREREGISTRATION,
-        cuts=CUTS, extra=lambda records, runs, metrics: comparison(records, runs, metrics, sim))
-    logger.info("done in %.0f s%s: %s", time.time() - budget.start, "" if meta["complete"] else
-                " (PARTIAL: rerun to continue)", out / "report.md")
-    print(json.dumps(summary["headline"], indent=2))  # noqa: T201
-    return 0 if meta["complete"] else 3
+    return recipes.report(
+        work, out, SUITES[args.scale], ids, audits, budget, timings, pretrained and attacked,
+        {"command": f"python tools/run_adversarial_experiment.py --scale {args.scale}", "scale": args.scale,
+         "scale_settings": asdict(scale), "adversarial_overrides": EXTRA[args.scale],
+         "budget_minutes": args.budget_minutes},
+        title=TITLE, preregistration=PREREGISTRATION, cuts=CUTS,
+        extra=lambda records, runs, metrics: comparison(records, runs, metrics, sim))
 
 
 if __name__ == "__main__":

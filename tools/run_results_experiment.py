@@ -322,21 +322,30 @@ def main(argv=None) -> int:
     timings["attacks_s"] = round(time.time() - t)
     logger.info("[5/5] report -> %s", out)
     sys.path.insert(0, str(REPO / "tools"))
+    return report(work, out, scale.suite, ids, audits, budget, timings, pretrained and attacked,
+                  {"command": f"python tools/run_results_experiment.py --scale {args.scale}",
+                   "scale": args.scale, "scale_settings": asdict(scale),
+                   "budget_minutes": args.budget_minutes})
+
+
+def report(work: Path, out: Path, suite: str, ids: dict[str, set[str]], audits: dict, budget: Budget,
+           timings: dict, complete: bool, meta: dict, **report_options) -> int:
+    """Step 5 of an experiment: the report from what exists (marked partial unless ``complete``); the exit
+    code (0, or 3: rerun to continue). ``report_options`` go to ``write_experiment_report``."""
     from results_report import write_experiment_report
 
-    meta = {"command": f"python tools/run_results_experiment.py --scale {args.scale}", "scale": args.scale,
-            "scale_settings": asdict(scale), "complete": pretrained and attacked,
-            "budget_minutes": args.budget_minutes, "this_invocation_s": {**timings, "total_s": round(
-                time.time() - budget.start)}, "python": platform.python_version(), "cpus": os.cpu_count(),
+    meta = {**meta, "complete": complete,
+            "this_invocation_s": {**timings, "total_s": round(time.time() - budget.start)},
+            "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": __import__("torch").__version__}
     if not ids:
         logger.warning("nothing attacked yet (budget reached); rerun to continue")
         return 3
-    summary = write_experiment_report(work, out, scale.suite, ids, audits, meta)
-    logger.info("done in %.0f s%s: %s", time.time() - budget.start, "" if meta["complete"] else
+    summary = write_experiment_report(work, out, suite, ids, audits, meta, **report_options)
+    logger.info("done in %.0f s%s: %s", time.time() - budget.start, "" if complete else
                 " (PARTIAL: rerun to continue)", out / "report.md")
     print(json.dumps(summary["headline"], indent=2))  # noqa: T201
-    return 0 if meta["complete"] else 3
+    return 0 if complete else 3
 
 
 if __name__ == "__main__":
