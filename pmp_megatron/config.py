@@ -165,7 +165,12 @@ class PMPConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer_model: str | None = None  # sentencepiece .model the data was tokenized with (required to train)
+    # the tokenizer the data were made with (required to train): a sentencepiece .model, a Hugging Face
+    # tokenizer directory (or its tokenizer.json), or megatron's tiktoken vocabulary .json
+    tokenizer_model: str | None = None
+    tokenizer_type: Literal["sentencepiece", "huggingface", "tiktoken"] = "sentencepiece"  # how to read it
+    tiktoken_pattern: Literal["v1", "v2"] = "v2"  # megatron's text-splitting regex (tokenizer_type tiktoken)
+    tiktoken_num_special_tokens: int = 1000  # control ids before the vocabulary (tokenizer_type tiktoken)
     data_path: list[str | float] | None = None  # megatron prefixes or weight/prefix pairs (required to train)
     split: str = "98,1,1"  # train,valid,test shares of each prefix's documents ("98,2,0"; valid > 0 to eval)
     num_workers: int = 2  # DataLoader worker processes per rank (0: load batches in the training process)
@@ -264,7 +269,8 @@ class Config:
                      "model.make_vocab_size_divisible_by", "model.seq_length", "model.recompute_num_layers",
                      "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
                      "train.micro_batch_size", "train.global_batch_size", "logging.log_interval",
-                     "checkpoint.save_interval", "pmp.projection_interval", "pmp.discovery.patience"):
+                     "checkpoint.save_interval", "pmp.projection_interval", "pmp.discovery.patience",
+                     "data.tiktoken_num_special_tokens"):
             _check(_get(self, name) >= 1, f"{name} must be >= 1, got {_get(self, name)}")
         _check(m.num_attention_heads % m.num_query_groups == 0,
                f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "

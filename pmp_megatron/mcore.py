@@ -47,6 +47,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402,F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402,F401
+from megatron.core.tokenizers import MegatronTokenizer  # noqa: E402,F401
 from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -250,3 +251,11 @@ def barrier(group=None) -> None:
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier(group=group)
+
+
+def tiktoken_pattern(name: str) -> str:
+    """The regex megatron's ``TikTokenTokenizer`` splits text with: ``v1`` or ``v2``."""
+    from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer
+
+    patterns = {"v1": tiktoken_tokenizer._PATTERN_TIKTOKEN_V1, "v2": tiktoken_tokenizer._PATTERN_TIKTOKEN_V2}
+    return patterns[name]

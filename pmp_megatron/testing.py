@@ -176,6 +176,69 @@ def tiny_sentencepiece(directory, vocab_size: int = 500) -> str:
     return prefix + ".model"
 
 
+def tiny_hf_tokenizer(directory, vocab_size: int = 400) -> str:
+    """Train a small byte-level BPE Hugging Face tokenizer (``<|begin_of_text|>`` / ``<|end_of_text|>``
+    special tokens, Llama-3 style) on builtin prose; save it into ``directory``; return the directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pmp_megatron.data.corpora import iter_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(iter_documents("prose", max_docs=100, max_chars=4000), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+    fast.save_pretrained(str(directory))
+    return str(directory)
+
+
+def tiny_tiktoken_vocab(path, num_merges: int = 150) -> str:
+    """Write a megatron tiktoken vocabulary (JSON list of rank / token_bytes / token_str) to ``path``: the
+    256 bytes, then ``num_merges`` merges learnt greedily (most frequent adjacent pair) on builtin prose;
+    return the path."""
+    import base64
+    import collections
+    import json
+
+    from pmp_megatron.data.corpora import iter_documents
+
+    words = collections.Counter()
+    for doc in iter_documents("prose", max_docs=20, max_chars=2000):
+        for word in doc.split(" "):
+            words[tuple(bytes([b]) for b in (" " + word).encode())] += 1
+    vocab = [bytes([i]) for i in range(256)]
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, n in words.items():
+            for a, b in zip(word, word[1:], strict=False):
+                pairs[a, b] += n
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        vocab.append(a + b)
+        merged = collections.Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    entries = [{"rank": i, "token_bytes": base64.b64encode(t).decode(),
+                "token_str": t.decode("utf-8", errors="replace")} for i, t in enumerate(vocab)]
+    Path(path).write_text(json.dumps(entries))
+    return str(path)
+
+
 def capture_log_messages(level: int = 20) -> list[str]:
     """A list that every log record at ``level`` or above (root logger) is appended to, as its message."""
     import logging

@@ -1,5 +1,6 @@
 """``pmp-preprocess``: tokenize documents into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx),
-optionally training the SentencePiece tokenizer on the same inputs first.
+optionally training the SentencePiece tokenizer on the same inputs first. Hugging Face (``tokenizer.json``)
+and tiktoken tokenizers are read through ``megatron.core.tokenizers`` (``--tokenizer-type``).
 
     pmp-preprocess --input builtin:prose --output-prefix data/prose \\
         --tokenizer-model data/tok.model --train-tokenizer --vocab-size 4096 --workers 2
@@ -30,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a document source; repeat for several (they are concatenated in order)")
     parser.add_argument("--output-prefix", required=True,
                         help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model to use (or to write)")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="the tokenizer: a SentencePiece .model (to use, or to write with "
+                             "--train-tokenizer), a Hugging Face tokenizer directory or its tokenizer.json, "
+                             "or megatron's tiktoken vocabulary .json")
+    parser.add_argument("--tokenizer-type", choices=("sentencepiece", "huggingface", "tiktoken"),
+                        default="sentencepiece", help="how to read --tokenizer-model (data.tokenizer_type)")
+    parser.add_argument("--tiktoken-pattern", choices=("v1", "v2"), default="v2",
+                        help="tiktoken: megatron's text-splitting regex (data.tiktoken_pattern)")
+    parser.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                        help="tiktoken: control ids before the vocabulary (data.tiktoken_num_special_tokens)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train the tokenizer on the inputs first and write it to --tokenizer-model")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
@@ -56,8 +66,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.train_tokenizer and args.vocab_size is None:
         parser.error("--train-tokenizer needs --vocab-size")
+    if args.train_tokenizer and args.tokenizer_type != "sentencepiece":
+        parser.error("--train-tokenizer trains a SentencePiece model: "
+                     "it needs --tokenizer-type sentencepiece")
     setup_logging()
     from pmp_megatron.data.indexed import iter_inputs, preprocess
+    from pmp_megatron.data.library_tokenizer import load_tokenizer
     from pmp_megatron.data.tokenizer import Tokenizer, train_tokenizer_proto
 
     limits = dict(json_key=args.json_key, split_paragraphs=args.split_paragraphs,
@@ -67,7 +81,8 @@ def main(argv: list[str]) -> int:
                                       model_type=args.model_type, max_sentences=args.tokenizer_max_sentences)
         tokenizer = Tokenizer.from_proto(proto, args.tokenizer_model)
     else:
-        tokenizer = Tokenizer(args.tokenizer_model)
+        tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model, args.tiktoken_pattern,
+                                   args.tiktoken_num_special_tokens)
     meta = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
                       chunk_size=args.chunk_size, progress=not args.no_progress,
                       write_tokenizer=args.train_tokenizer, **limits)

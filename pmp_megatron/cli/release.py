@@ -50,6 +50,9 @@ def release(argv: list[str]) -> int:
     parser.add_argument("--name", default=None,
                         help="the model card's title (default: release.model_name, else the --out name)")
     parser.add_argument("--tokenizer-model", default=None, help="default: the run's data.tokenizer_model")
+    parser.add_argument("--tokenizer-type", default=None,
+                        choices=("sentencepiece", "huggingface", "tiktoken"),
+                        help="how to read --tokenizer-model (default: the run's data.tokenizer_type)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--mask", default=None, help="the owner's private mask file: run the leakage audit")
     parser.add_argument("--owner-dir", default=None,
@@ -98,7 +101,8 @@ def release(argv: list[str]) -> int:
         from pmp_megatron.release.writer import owner_dir_of
 
         out = run(args.checkpoint, args.out, iteration=args.iteration, dtype=args.dtype,
-                  tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, mask=args.mask,
+                  tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+                  overwrite=args.overwrite, mask=args.mask,
                   audit_seed=args.audit_seed, init_attack=not args.no_init_attack,
                   warn_level=args.warn_level, owner_dir=args.owner_dir, license=args.license,
                   model_name=args.name)

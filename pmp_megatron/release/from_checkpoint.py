@@ -34,6 +34,7 @@ from pmp_megatron import mcore
 from pmp_megatron.config import Config
 from pmp_megatron.release.hf_llama import canonical_shapes, hf_shapes, to_hf
 from pmp_megatron.release.model_card import CardInfo
+from pmp_megatron.release.tokenizer import TokenizerSpec, check_exists
 from pmp_megatron.release.writer import owner_dir_of, write_release
 from pmp_megatron.train import checkpoint
 
@@ -137,7 +138,8 @@ def key_record(cfg: Config, common: dict) -> dict:
 
 
 def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = None, dtype: str = "float32",
-            tokenizer_model: str | None = None, overwrite: bool = False, mask: str | Path | None = None,
+            tokenizer_model: str | None = None, tokenizer_type: str | None = None, overwrite: bool = False,
+            mask: str | Path | None = None,
             audit_seed: int | None = None, init_attack: bool = True, warn_level: float = 0.5,
             max_shard_bytes: int = 2 * 1024**3, owner_dir: str | Path | None = None,
             license: str | None = None, model_name: str | None = None) -> Path:
@@ -145,12 +147,13 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
 
     The release directory gets the public files only; the manifest (checkpoint path, pmp mode, tensor
     hashes) goes to ``owner_dir`` (default ``<out>.owner``, mode 0700). ``out_dir`` may not be, contain or
-    lie inside the checkpoint, nor hold a key file. ``tokenizer_model`` defaults to the run's
-    ``data.tokenizer_model``. With ``mask`` (the owner's private key file, which must belong to this PMP
-    checkpoint) the leakage audit (``release.audit``) runs on the written release and its report goes to
-    ``OWNER/release_audit.json``; the init-regeneration attacker uses the key's W0 seed (``audit_seed`` only
-    for a v1 key without one) unless ``init_attack`` is False. The model card takes its license and name
-    from the run's ``release.*`` unless ``license`` / ``model_name`` are given.
+    lie inside the checkpoint, nor hold a key file. ``tokenizer_model`` / ``tokenizer_type`` default to the
+    run's ``data.tokenizer_model`` / ``data.tokenizer_type``. With ``mask`` (the owner's private key file,
+    which must belong to this PMP checkpoint) the leakage audit (``release.audit``) runs on the written
+    release and its report goes to ``OWNER/release_audit.json``; the init-regeneration attacker uses the
+    key's W0 seed (``audit_seed`` only for a v1 key without one) unless ``init_attack`` is False. The
+    model card takes its license and name from the run's ``release.*`` unless ``license`` / ``model_name``
+    are given.
     """
     from pmp_megatron.release import audit
 
@@ -176,16 +179,19 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
         if init_attack and seed is None:
             logger.warning("mask file %s holds no W0 seed (a v1 key) and no audit seed was given: the "
                            "init-regeneration attacker does not run", mask)
-    if tokenizer_model is None:
-        tokenizer_model = cfg.data.tokenizer_model
-        if tokenizer_model is None:
-            logger.warning("the checkpoint's config names no data.tokenizer_model: "
-                           "the release has no tokenizer")
-        elif not Path(tokenizer_model).is_file():
-            raise ValueError(f"the checkpoint's tokenizer {tokenizer_model!r} (data.tokenizer_model) "
-                             f"does not exist here: pass tokenizer_model (--tokenizer-model)")
-    elif not Path(tokenizer_model).is_file():
-        raise ValueError(f"tokenizer model {tokenizer_model!r} does not exist")
+    spec = None
+    if tokenizer_model is None and cfg.data.tokenizer_model is None:
+        logger.warning("the checkpoint's config names no data.tokenizer_model: the release has no tokenizer")
+    elif tokenizer_model is None:
+        spec = TokenizerSpec.of(cfg.data, kind=tokenizer_type)
+        try:
+            check_exists(spec)
+        except ValueError as err:
+            raise ValueError(f"the checkpoint's tokenizer does not load here: {err}; pass tokenizer_model "
+                             f"(--tokenizer-model)") from None
+    else:
+        spec = TokenizerSpec.of(cfg.data, model=tokenizer_model, kind=tokenizer_type)
+        check_exists(spec)
     p = cfg.parallel
     source = {
         "checkpoint": str(Path(ckpt_root).resolve()),
@@ -202,7 +208,7 @@ def release(ckpt_root: str | Path, out_dir: str | Path, iteration: int | None = 
                     license=license or cfg.release.license, dtype=dtype, pmp=cfg.pmp.mode == "pmp",
                     steps=iteration, tokens=iteration * cfg.train.global_batch_size * cfg.model.seq_length,
                     num_parameters=num)
-    out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=tokenizer_model,
+    out = write_release(stream, out_dir, cfg.model, dtype, source, tokenizer_model=spec,
                         max_shard_bytes=max_shard_bytes, overwrite=overwrite, owner_dir=owner, card=card)
     logger.info("released %s iteration %d (%d parameters, %s) to %s; owner files in %s", ckpt_root, iteration,
                 num, dtype, out, owner)

@@ -57,7 +57,8 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
     ``config`` is the run the checkpoint is meant for (its model section must match the HF architecture;
     its parallel layout is ignored: the checkpoint is written at TP=PP=1 and reshards on load). Default:
     the model of config.json, ``pmp.mode=dense``, the other sections at their defaults, and
-    ``data.tokenizer_model`` = the directory's ``tokenizer.model`` when it has one.
+    ``data.tokenizer_model`` = the directory's ``tokenizer.model`` when it has one, else the directory
+    itself (``data.tokenizer_type`` huggingface) when it holds a ``tokenizer.json``.
     """
     import torch.distributed as dist
 
@@ -73,6 +74,9 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
         config = Config(model=hf_model, pmp=PMPConfig(mode="dense"))
         if (hf_dir / "tokenizer.model").is_file():
             config.data.tokenizer_model = str((hf_dir / "tokenizer.model").resolve())
+        elif (hf_dir / "tokenizer.json").is_file():
+            config.data.tokenizer_model = str(hf_dir.resolve())
+            config.data.tokenizer_type = "huggingface"
     else:
         check_architecture(config.model, hf_model)
     cfg = copy.deepcopy(config)

@@ -1,4 +1,7 @@
-"""SentencePiece ``.model`` -> Hugging Face tokenizer files that ``AutoTokenizer`` loads offline.
+"""The release's Hugging Face tokenizer files, from the tokenizer the run was trained with
+(``TokenizerSpec``: sentencepiece, huggingface or tiktoken; ``write_tokenizer_files``).
+
+SentencePiece ``.model`` -> Hugging Face tokenizer files that ``AutoTokenizer`` loads offline:
 
 The backend ``tokenizer.json`` is built by transformers' ``SpmConverter.build_tokenizer_from_spm_proto``,
 which follows the model's own normalizer spec (NFKC charsmap, extra-whitespace removal, dummy prefix,
@@ -15,9 +18,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 _SPM_BPE, _SPM_UNIGRAM = 2, 1
+# a Hugging Face tokenizer's files a release copies as they are (data.tokenizer_type huggingface)
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _proto(sp_model: str | Path):
@@ -87,3 +93,67 @@ def write_tokenizer(sp_model: str | Path, out_dir: str | Path, model_max_length:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     shutil.copyfile(sp_model, out_dir / "tokenizer.model")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer a release carries: ``data.tokenizer_model`` read as ``data.tokenizer_type``."""
+
+    model: str
+    type: str = "sentencepiece"
+    tiktoken_pattern: str = "v2"
+    tiktoken_num_special_tokens: int = 1000
+
+    @classmethod
+    def of(cls, data_cfg, model: str | None = None, kind: str | None = None) -> TokenizerSpec:
+        """The spec of a run's ``DataConfig``; ``model`` / ``kind`` replace its path / type."""
+        return cls(str(model or data_cfg.tokenizer_model), kind or data_cfg.tokenizer_type,
+                   data_cfg.tiktoken_pattern, data_cfg.tiktoken_num_special_tokens)
+
+
+def as_spec(tokenizer: str | Path | TokenizerSpec | None) -> TokenizerSpec | None:
+    """A spec from a spec or a sentencepiece ``.model`` path (None stays None)."""
+    if tokenizer is None or isinstance(tokenizer, TokenizerSpec):
+        return tokenizer
+    return TokenizerSpec(str(tokenizer))
+
+
+def check_exists(spec: TokenizerSpec) -> None:
+    """ValueError naming the tokenizer when its file or directory is missing."""
+    if spec.type == "huggingface":
+        from pmp_megatron.data.library_tokenizer import hf_tokenizer_dir
+
+        hf_tokenizer_dir(spec.model)
+    elif not Path(spec.model).is_file():
+        raise ValueError(f"tokenizer {spec.model!r} (data.tokenizer_type {spec.type}) does not exist")
+
+
+def tokenizer_ids(spec: TokenizerSpec) -> tuple[int | None, int | None, int]:
+    """``(bos, eos, number of ids)`` of the tokenizer (for config.json and the vocabulary check)."""
+    if spec.type == "sentencepiece":
+        ids = special_token_ids(spec.model)
+        return ids["bos"], ids["eos"], vocab_size(spec.model)
+    from pmp_megatron.data.library_tokenizer import LibraryTokenizer
+
+    tok = LibraryTokenizer(spec.type, spec.model, spec.tiktoken_pattern, spec.tiktoken_num_special_tokens)
+    return tok.bos, tok.eos, tok.vocab_size
+
+
+def write_tokenizer_files(spec: TokenizerSpec, out_dir: str | Path, model_max_length: int) -> list[str]:
+    """Write the HF tokenizer files of ``spec`` into ``out_dir``; return their names. Sentencepiece: the
+    converted pipeline (``write_tokenizer``); huggingface: the source's files as they are; tiktoken: a
+    byte-level BPE ``tokenizer.json`` with megatron's ids (``tiktoken_hf``)."""
+    if spec.type == "sentencepiece":
+        return write_tokenizer(spec.model, out_dir, model_max_length)
+    if spec.type == "huggingface":
+        from pmp_megatron.data.library_tokenizer import hf_tokenizer_dir
+
+        src = hf_tokenizer_dir(spec.model)
+        names = [n for n in HF_FILES if (src / n).is_file()]
+        for name in names:
+            shutil.copyfile(src / name, Path(out_dir) / name)
+        return names
+    from pmp_megatron.release.tiktoken_hf import write_tiktoken_tokenizer
+
+    return write_tiktoken_tokenizer(spec.model, out_dir, spec.tiktoken_pattern,
+                                    spec.tiktoken_num_special_tokens, model_max_length)

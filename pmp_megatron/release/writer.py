@@ -41,7 +41,8 @@ from pmp_megatron.release.model_card import CARD_FILE, CardInfo
 
 MANIFEST = "release_manifest.json"  # in the owner directory, never in the release
 FORMAT = "pmp_megatron.release/2"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
 PUBLIC_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
                 *TOKENIZER_FILES)
 
@@ -153,7 +154,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, model_cfg: ModelConfig,
-                  dtype: str, source: dict, tokenizer_model: str | None = None,
+                  dtype: str, source: dict, tokenizer_model: str | hf_tokenizer.TokenizerSpec | None = None,
                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
                   owner_dir: str | Path | None = None, card: CardInfo | None = None) -> Path:
     """Consume (HF name, tensor) pairs and write the release directory ``out_dir``; return its path. The
@@ -166,12 +167,11 @@ def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Pa
     _check_target(out_dir, overwrite)
     owner = owner_dir_of(owner_dir, out_dir)  # checked before any work, created once the release is written
     bos, eos = 1, 2
-    if tokenizer_model is not None:
-        ids = hf_tokenizer.special_token_ids(tokenizer_model)
-        bos, eos = ids["bos"], ids["eos"]
-        size = hf_tokenizer.vocab_size(tokenizer_model)
+    spec = hf_tokenizer.as_spec(tokenizer_model)
+    if spec is not None:
+        bos, eos, size = hf_tokenizer.tokenizer_ids(spec)
         if size > model_cfg.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer_model!r} has {size} pieces, more than "
+            raise ValueError(f"tokenizer {spec.model!r} has {size} ids, more than "
                              f"model.vocab_size={model_cfg.vocab_size}")
     expected = hf_shapes(model_cfg)
 
@@ -209,8 +209,8 @@ def write_release(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Pa
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": bos, "eos_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer_model is not None:
-            hf_tokenizer.write_tokenizer(tokenizer_model, tmp, model_max_length=model_cfg.seq_length)
+        if spec is not None:
+            hf_tokenizer.write_tokenizer_files(spec, tmp, model_max_length=model_cfg.seq_length)
         if card is not None:
             (tmp / CARD_FILE).write_text(model_card.render(card, model_cfg))
 

@@ -138,14 +138,12 @@ class Trainer:
 
     def _build_data(self) -> None:
         from pmp_megatron.data.datasets import build_datasets
-        from pmp_megatron.data.tokenizer import Tokenizer
+        from pmp_megatron.data.library_tokenizer import tokenizer_of
 
         d, t = self.cfg.data, self.cfg.train
         if not d.data_path:
             raise ValueError("data.data_path is required: preprocess a corpus with pmp-preprocess")
-        if not d.tokenizer_model:
-            raise ValueError("data.tokenizer_model is required (the sentencepiece .model of the data)")
-        tokenizer = Tokenizer(d.tokenizer_model)
+        tokenizer = tokenizer_of(d)
         if tokenizer.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({tokenizer.vocab_size}) in {d.tokenizer_model}")
@@ -158,10 +156,10 @@ class Trainer:
             t.seed, tokenizer, d.cache_dir)
 
     def _build_proxy(self) -> ProxyRows:
-        from pmp_megatron.data.tokenizer import Tokenizer
+        from pmp_megatron.data.library_tokenizer import tokenizer_of
 
         a, d = self.cfg.pmp.adversarial, self.cfg.data
-        tokenizer = Tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+        tokenizer = tokenizer_of(d) if d.tokenizer_model else None
         return load_proxy(a.proxy, a.proxy_rows, self.cfg.model.vocab_size, self.cfg.model.seq_length,
                           tokenizer)
 
