@@ -210,6 +210,10 @@ class CheckpointConfig:
     # model.* / pmp.* fields a resumed run may change on purpose (dotted names, e.g.
     # [pmp.projection_interval]); any other difference from the checkpoint's config is refused
     allow_changes: list[str] = field(default_factory=list)
+    # weights-only start (dense runs): a checkpoint directory, e.g. pmp-import-hf's output, whose newest valid
+    # iteration's model weights replace the random init at iteration 0 (any TP/PP layout; fresh optimizer
+    # and schedule); ignored once checkpoint.dir holds a checkpoint to resume
+    init_from: str | None = None
 
 
 @dataclass
@@ -315,6 +319,7 @@ class Config:
                f"({t.train_steps})")
         self._validate_pmp()
         self._validate_adversarial()
+        self._validate_init_from()
         self._validate_numbers()
         return self
 
@@ -353,6 +358,13 @@ class Config:
                "parallel.use_distributed_optimizer=true: the redraw draws from whole tensors, and the "
                "distributed optimizer's fp32 main copies hold a share of each; set "
                "parallel.use_distributed_optimizer=false or model.params_dtype=float32")
+
+    def _validate_init_from(self) -> None:
+        """``checkpoint.init_from``: dense runs only (a PMP W0 must be secret)."""
+        _check(self.checkpoint.init_from is None or self.pmp.mode == "dense",
+               "checkpoint.init_from starts dense runs only (pmp.mode=dense): PMP's W0 must be secret, and "
+               "weights from elsewhere (a public base model) would give the mask away, since the masked-in "
+               "entries stay near them and the complement does not")
 
     def _validate_adversarial(self) -> None:
         """``pmp.adversarial``: where it can run, its numbers, and a proxy apart from the evaluation."""

@@ -12,6 +12,7 @@ quickstart     the whole loop on the debug model on CPU (``cli/quickstart.py``)
 dense-matched  the dense control whose base loss matches a PMP run's (``cli/dense_matched.py``)
 preprocess     tokenizer + Megatron indexed dataset from JSONL, text or builtins (``cli/preprocess.py``)
 eval           lm-evaluation-harness on a release, offline (``cli/evaluate.py``)
+import-hf      a Hugging Face Llama directory -> a checkpoint to start training from (``cli/import_hf.py``)
 =============  ===================================================================================
 
 A user error (a bad value, a missing or refused file, a full disk) prints ONE line naming the file or
@@ -36,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "dense-matched": "pmp_megatron.cli.dense_matched:main",
     "preprocess": "pmp_megatron.cli.preprocess:main",
     "eval": "pmp_megatron.cli.evaluate:main",
+    "import-hf": "pmp_megatron.cli.import_hf:main",
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError,
@@ -109,3 +111,4 @@ quickstart_main = _console("quickstart")
 dense_matched_main = _console("dense-matched")
 preprocess_main = _console("preprocess")
 eval_main = _console("eval")
+import_hf_main = _console("import-hf")

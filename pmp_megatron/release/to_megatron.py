@@ -51,11 +51,12 @@ def _prepare_target(root: Path, overwrite: bool) -> None:
 
 @torch.no_grad()
 def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, parallel: ParallelConfig | None = None) -> Path:
     """Convert an HF Llama directory to ``out_dir/iter_0000000`` (TP=1, PP=1); return that folder.
 
-    ``config`` is the run the checkpoint is meant for (its model section must match the HF architecture;
-    its parallel layout is ignored: the checkpoint is written at TP=PP=1 and reshards on load). Default:
+    ``config`` is the run the checkpoint is meant for (its model section must match the HF architecture).
+    The tensors are written at TP=PP=1 and reshard on load at any layout; ``config.yaml`` records the
+    config's layout, or ``parallel`` (validated against the architecture), for training to use. Default:
     the model of config.json, ``pmp.mode=dense``, the other sections at their defaults, and
     ``data.tokenizer_model`` = the directory's ``tokenizer.model`` when it has one, else the directory
     itself (``data.tokenizer_type`` huggingface) when it holds a ``tokenizer.json``.
@@ -80,9 +81,12 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, config: Config | None =
     else:
         check_architecture(config.model, hf_model)
     cfg = copy.deepcopy(config)
+    public = copy.deepcopy(cfg)  # what config.yaml may say: the layout training will use
+    if parallel is not None:
+        public.parallel = copy.deepcopy(parallel)
+    public.validate()
     cfg.parallel = ParallelConfig()  # TP=PP=1, no virtual stages: the layout this checkpoint is saved at
     cfg.validate()
-    public = copy.deepcopy(cfg)  # what config.yaml may say
     secret = cfg.model.seed is None
     if secret:  # the checkpoint's W0 seed (a rewind goes there): secret, as the Trainer draws one
         cfg.model = dataclasses.replace(cfg.model, seed=secrets.randbits(128))

@@ -313,12 +313,13 @@ def read_common(root: str | os.PathLike, iteration: int) -> dict:
                               f"{type(e).__name__}: {e}") from e
 
 
-def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, verify_files: bool = True) -> dict:
+def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, verify_files: bool = True,
+         weights_only: bool = False) -> dict:
     """Load ``iteration`` into ``chunks`` (and their masks) and ``optimizer``; return the common state.
 
     Works at any TP/PP/DP layout: weights and masks are resharded by dist_checkpointing. ``verify_files``
-    False skips ``verify`` (the caller ran ``verify_collective``). Any failure is a CheckpointError naming
-    the folder.
+    False skips ``verify`` (the caller ran ``verify_collective``). ``weights_only`` reads the model weights
+    alone (no masks; pass no optimizer). Any failure is a CheckpointError naming the folder.
     """
     folder = iter_dir(root, iteration)
     if verify_files:
@@ -326,7 +327,8 @@ def load(root: str | os.PathLike, iteration: int, chunks, optimizer, cfg, verify
     common = read_common(root, iteration)
     if common.get("iteration", iteration) == 0:
         optimizer = None  # W0 (the rewind point) is saved before any step: Adam has no state yet
-    state = build_sharded_state_dict(chunks, optimizer, cfg, common, is_loading=True)
+    wanted = dict(common, has_masks=False) if weights_only else common
+    state = build_sharded_state_dict(chunks, optimizer, cfg, wanted, is_loading=True)
     template = state.get("pmp_masks")
     try:
         loaded = mcore.dist_checkpointing.load(state, str(folder))

@@ -223,3 +223,28 @@ def load_with_fallback(cfg: Config, start: Start, make: Callable[[], tuple[list,
                                              + "; ".join(errors))
         tried = Start(tried.root, *older)
         check_compatible(cfg, tried)
+
+
+# model.* fields that fix the weights' shapes and tying: they must match checkpoint.init_from's
+INIT_ARCH = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+             "vocab_size", "untie_embeddings")
+
+
+def init_weights(cfg: Config, chunks) -> int:
+    """Load the model weights of ``checkpoint.init_from``'s newest valid iteration into ``chunks`` (this
+    rank's shards at this run's layout, resharded by dist_checkpointing; no optimizer state, no masks);
+    return that iteration. ValueError naming ``checkpoint.init_from`` for a missing or mismatched one."""
+    root = Path(cfg.checkpoint.init_from)
+    iteration = checkpoint.latest_valid(root) if root.is_dir() else None
+    if iteration is None:
+        raise ValueError(f"checkpoint.init_from {str(root)!r} holds no valid checkpoint (an iter_* folder "
+                         f"written by pmp-pretrain or pmp-import-hf)")
+    saved = _common(root, iteration).get("config", {}).get("model", {})
+    differ = [f"model.{f} ({saved.get(f)!r} there, {getattr(cfg.model, f)!r} here)" for f in INIT_ARCH
+              if saved.get(f) != getattr(cfg.model, f)]
+    if differ:
+        raise ValueError(f"checkpoint.init_from {str(root)!r} has another architecture: {', '.join(differ)}")
+    checkpoint.load(root, iteration, chunks, None, cfg, weights_only=True)
+    _rank0_log(logging.INFO, "initialised the weights from %s (weights only)",
+               checkpoint.iter_dir(root, iteration))
+    return iteration

@@ -200,8 +200,11 @@ class Trainer:
                 raise Preempted(f"preempted at stage I step {result.steps}")
             masks = result.masks
             del result
-        # Stage II (or dense) from W0: the rewind is a fresh build from the seed.
-        chunks = build_model(cfg)
+        # Stage II (or dense) from W0: the rewind is a fresh build from the seed; a dense run may start from
+        # checkpoint.init_from's weights instead.
+        chunks = build_model(cfg, init_w0=cfg.checkpoint.init_from is None)
+        if cfg.checkpoint.init_from is not None:
+            resume.init_weights(cfg, chunks)
         if cfg.pmp.mode == "pmp":
             pmp_masks.attach(chunks, cfg.model.vocab_size, masks)
         # Each parameter holds its own mask now: Stage I's dict (another byte per parameter) goes before
