@@ -8,10 +8,12 @@ run then ends with a ``RuntimeError`` naming the failed cells.
 - ``run_cells(..., workers=1)``: sequential, in this process (tiny models, tests, debugging).
 - ``run_cells(..., workers=N)``: a ``spawn`` process pool; each worker uses one torch thread and, when
   GPUs are visible, its own GPU (round robin). Workers return records; the parent writes them.
-- ``run_cells_slurm``: submitit ``AutoExecutor`` job array: the pending cells are cut into chunks, each
-  array task runs its chunk sequentially and appends to its own shard ``<results>.shards/NNNNN.jsonl``
-  (so it can be requeued and resumes), ``slurm_array_parallelism`` caps the concurrency, and the
-  shards are gathered into the results file at the end (and at the start of a rerun).
+- ``run_cells_slurm``: submitit ``AutoExecutor`` job array: the pending cells, grouped by release, are cut
+  into chunks of ``cells_per_task``; each array task (``array_task.ChunkTask``) runs its chunk
+  sequentially with each release loaded once, appends to its own shard ``<results>.shards/NNNNN.jsonl``,
+  and requeues itself on Slurm's time-limit signal or a preemption, resuming after the cells its shard
+  holds; ``slurm_array_parallelism`` caps the concurrency, and the shards are gathered into the results
+  file at the end (and at the start of a rerun).
 """
 
 from __future__ import annotations
@@ -212,12 +214,6 @@ def gather_shards(results_path: str | Path) -> int:
     return added
 
 
-def run_chunk(cells: list[Cell], ctx: AttackContext, shard_path: str) -> int:
-    """One Slurm array task: run the cells of a chunk not yet in its shard; return how many ran."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return len(run_cells(cells, ctx, shard_path, workers=1))
-
-
 def run_cells_slurm(cells: list[Cell], ctx: AttackContext, results_path: str | Path,
                     slurm_options: dict, wait: bool = True) -> list:
     """Run the pending cells as a submitit job array and gather the shards; returns the jobs.
@@ -238,6 +234,9 @@ def run_cells_slurm(cells: list[Cell], ctx: AttackContext, results_path: str | P
     if not todo:
         logger.info("every cell is already in %s", results_path)
         return []
+    from pmp_megatron.attack.array_task import ChunkTask
+
+    todo.sort(key=lambda cell: cell.role)  # stable: a chunk's cells share a release, loaded once per task
     opts = dict(slurm_options)
     per_task = max(1, int(opts.pop("cells_per_task", 1)))
     chunks = [todo[i: i + per_task] for i in range(0, len(todo), per_task)]
@@ -257,7 +256,7 @@ def run_cells_slurm(cells: list[Cell], ctx: AttackContext, results_path: str | P
             params[target] = opts.pop(key)
     executor.update_parameters(**params)
     shards = [str(shard_dir / f"{i:05d}.jsonl") for i in range(len(chunks))]
-    jobs = executor.map_array(run_chunk, chunks, [ctx] * len(chunks), shards)
+    jobs = executor.map_array(ChunkTask(), chunks, [ctx] * len(chunks), shards)
     logger.info("submitted %d array tasks (%d cells, %d per task, at most %d at once): job %s", len(jobs),
                 len(todo), per_task, params["slurm_array_parallelism"], jobs[0].job_id.split("_")[0])
     if not wait:

@@ -236,7 +236,7 @@ adversaries:
 """
 
 
-def test_attack_grid_as_job_array(slurm, tmp_path):
+def tiny_release(tmp_path: Path) -> Path:
     import torch
 
     from pmp_megatron.config import ModelConfig
@@ -251,8 +251,11 @@ def test_attack_grid_as_job_array(slurm, tmp_path):
                       ffn_hidden_size=64, vocab_size=400, seq_length=64, seed=42, untie_embeddings=True)
     gen = torch.Generator().manual_seed(0)
     weights = {n: t + 0.02 * torch.randn(t.shape, generator=gen) for n, t in iter_w0(cfg)}
-    release = write_release(weights.items(), tmp_path / "release", cfg, "float32", {"test": "slurm"},
-                            str(tok))
+    return write_release(weights.items(), tmp_path / "release", cfg, "float32", {"test": "slurm"}, str(tok))
+
+
+def test_attack_grid_as_job_array(slurm, tmp_path):
+    release = tiny_release(tmp_path)
     suite = tmp_path / "suite.yaml"
     suite.write_text(TINY_SUITE)
     out = tmp_path / "results.jsonl"
@@ -264,3 +267,37 @@ def test_attack_grid_as_job_array(slurm, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and {r["status"] for r in records} == {"ok"}, records
     print(f"attack grid of 2 cells as a Slurm array: {elapsed:.1f} s")
+
+
+def test_attack_array_task_requeues_itself_on_the_time_limit_signal(slurm, tmp_path):
+    """One array task of 3 cells gets Slurm's time-limit signal (what submitit's --signal=USR2@90 sends) while
+    running: submitit checkpoints it, it is requeued, and the requeued task runs the cells its shard lacks:
+    every cell ends in the results exactly once."""
+    from pmp_megatron.attack import execute
+    from pmp_megatron.attack.run import prepare
+
+    release = tiny_release(tmp_path)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(TINY_SUITE.replace("optimizer: [adamw, lion]", "optimizer: [adamw, lion, sgd]")
+                     .replace("steps: 2", "steps: 30"))
+    cells, ctx = prepare(str(suite), str(release), device="cpu")
+    out = tmp_path / "results.jsonl"
+    opts = {"partition": "debug", "time": 5, "cells_per_task": 3, "gpus_per_node": slurm.gpus_per_node}
+    jobs = execute.run_cells_slurm(cells, ctx, out, opts, wait=False)
+    assert len(jobs) == 1
+    job, shard = jobs[0].job_id, tmp_path / "results.jsonl.shards" / "00000.jsonl"
+    deadline = time.monotonic() + 300
+    while not (shard.is_file() and shard.read_text().strip()):  # the first cell is done: signal mid-task
+        assert time.monotonic() < deadline, f"no cell finished: {slurm.log_tail(job)}"
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR2", job)
+    info = slurm.wait_job(job, timeout=600)
+    assert int(info.get("Restarts", 0)) >= 1, info
+    in_shard = [json.loads(line)["id"] for line in shard.read_text().splitlines()]
+    assert sorted(in_shard) == sorted(c.id for c in cells), in_shard  # none ran twice, none is missing
+    execute.gather_shards(out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(c.id for c in cells), records
+    assert {r["status"] for r in records} == {"ok"}
+    logs = "\n".join(p.read_text() for p in (tmp_path / "results.jsonl.slurm").rglob("*.err"))
+    assert "timed-out" in logs and "not requeued" not in logs.lower(), logs[-3000:]
