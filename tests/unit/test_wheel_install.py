@@ -2,8 +2,8 @@
 into a fresh venv (torch and the other dependencies are borrowed from this interpreter's site-packages
 through a ``.pth`` line, not reinstalled) and its console scripts run from a directory outside the source
 tree: ``pmp-launch --dry-run`` (the sbatch template and a ``configs/...`` recipe come from the wheel),
-``pmp-preprocess`` (.bin/.idx from a tiny JSONL), ``pmp-pretrain --print-config`` and
-``pmp-quickstart --help``."""
+``pmp-preprocess`` (.bin/.idx from a tiny JSONL), ``pmp-pretrain --print-config``, ``pmp-quickstart --help``
+and ``pmp-import-hf --help``."""
 
 from __future__ import annotations
 
@@ -118,3 +118,5 @@ def test_pretrain_print_config_and_quickstart_help(venv, elsewhere):
     assert "num_layers: 4" in printed and "mode: dense" in printed
     usage = _sh([str(venv / "bin" / "pmp-quickstart"), "--help"], elsewhere, env).stdout
     assert "--out" in usage and "usage: pmp-quickstart" in usage
+    usage = _sh([str(venv / "bin" / "pmp-import-hf"), "--help"], elsewhere, env).stdout
+    assert "usage: pmp-import-hf" in usage and "--tp" in usage
