@@ -34,9 +34,15 @@ with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base con
   (the Stage-I selection at ``--rho``) against that forward-backward's time (forward + backward +
   ``finalize_model_grads``).
 
-A table goes to stdout, then the last line: ``step_ratio=<f> mask_bits_per_param=<f>
-select_over_backward=<f>`` for the debug model (or the first size given): the Stage-II wall-clock
-ratio PMP/dense, the measured mask bits per parameter, and the selection/forward-backward ratio.
+A table goes to stdout, then (with ``--peak-tflops``) one ``mfu_dense`` / ``mfu_pmp`` line per size
+(Megatron-LM's FLOPs formula, ``megatron_flops``, over the median Stage-II step, against the stated peak),
+then the last line: ``step_ratio=<f> mask_bits_per_param=<f> select_over_backward=<f> ci_high=<f>`` for
+the debug model (or the first size given): the Stage-II wall-clock ratio PMP/dense, the measured mask bits
+per parameter, the selection/forward-backward ratio, and the upper end of the ratio's 95% interval.
+
+On CUDA (``tools/gpu_check.sh``) every timed span ends with ``torch.cuda.synchronize`` (``_now``), so it
+covers the GPU work; ``--overrides`` adds config overrides (bf16, the Transformer Engine spec, FP8) to every
+size, and the ``1b`` size has TinyLlama-1.1B's shapes.
 Progress goes to stderr.
 
 ``--adversarial`` measures adversarial Stage II (``pmp.adversarial``, ``train/adversarial.py``) instead:
@@ -70,6 +76,12 @@ SIZES = {
                            "model.num_query_groups=8", "model.ffn_hidden_size=1408", "model.vocab_size=8000",
                            "model.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4"],
                 caps=dict(steps=8, warmup=2, select=3)),
+    # TinyLlama-1.1B's shapes (configs/model/tinyllama-1.1b.yaml), 8 microbatches of 1 x 2048 tokens: for a
+    # GPU (tools/gpu_check.sh adds bf16, the Transformer Engine spec and FP8 with --overrides)
+    "1b": dict(overrides=["model.num_layers=22", "model.hidden_size=2048", "model.num_attention_heads=32",
+                          "model.num_query_groups=4", "model.ffn_hidden_size=5632", "model.vocab_size=32000",
+                          "model.seq_length=2048", "train.micro_batch_size=1", "train.global_batch_size=8"],
+               caps=dict(steps=None, warmup=None, select=5)),
 }
 VARIANTS = ("dense", "pmp")
 # The calls of one Stage-II step, in order (after_step: PMP only, nothing for dense).
@@ -82,9 +94,19 @@ def _log(msg: str) -> None:
     print(f"[bench_pmp {time.time() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def _now() -> float:
+    """``perf_counter`` once the device's queued work is done (CUDA: ``synchronize``), so a timed span
+    covers its GPU kernels too, as CUDA events around it would."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _clock() -> tuple[float, float]:
     """(wall, CPU time of this process, all threads)."""
-    return time.perf_counter(), time.process_time()
+    return _now(), time.process_time()
 
 
 def _since(t0: tuple[float, float], t1: tuple[float, float] | None = None) -> tuple[float, float]:
@@ -187,11 +209,11 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
     for i in range(warmup + select_steps):
         zero_grads(dense.model, dense.optimizer)
         mcore.barrier()
-        t0 = time.perf_counter()
+        t0 = _now()
         forward_backward(dense.model, batches, cfg_dense)
-        t1 = time.perf_counter()
+        t1 = _now()
         masks, _ = global_topk_masks({n: (p.main_grad, inf) for n, (p, inf) in infos.items()}, rho)
-        t2 = time.perf_counter()
+        t2 = _now()
         if i >= warmup:
             fb_t.append(t1 - t0)
             sel_t.append(t2 - t1)
@@ -240,9 +262,9 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
             for k, a, b in zip(PARTS, stamps, stamps[1:], strict=False):
                 parts[variant][k].append(_since(a, b))
             if state.rule is not None:
-                t0 = time.perf_counter()
+                t0 = _now()
                 state.rule.mask_grads()
-                mask_t.append(time.perf_counter() - t0)
+                mask_t.append(_now() - t0)
         return out
 
     log(f"Stage-II step, dense vs PMP ({warmup} warmup + {steps} timed each, blocks of {block})")
@@ -280,6 +302,8 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
     log("measurements done")
 
     return dict(params=n_params, num_micro=num_micro, mbs=mbs, seq=cfg_dense.model.seq_length,
+                flops=megatron_flops(cfg_dense, cfg_dense.train.global_batch_size), world=world,
+                device=str(mcore.device()),
                 density=density, select=sel_t, fwd_bwd=fb_t, stage2=stage2, trainer=trainer, hooks=hooks,
                 parts=parts, opt_ops=opt_ops,
                 **storage)
@@ -396,7 +420,8 @@ def summarize(name: str, ranks: list[dict], steps: int, warmup: int) -> dict:
     """Per-step times combined over ranks (the slower rank per step), medians and ratios."""
     r0 = ranks[0]
     out = dict(name=name, steps=steps, warmup=warmup,
-               **{k: r0[k] for k in ("params", "num_micro", "mbs", "seq", "density")})
+               **{k: r0[k] for k in ("params", "num_micro", "mbs", "seq", "density", "flops", "world",
+                                     "device")})
     local_params = sum(r["local_params"] for r in ranks)
     out["mask_bytes_per_param"] = sum(r["mask_bytes"] for r in ranks) / local_params
     out["mask_bits_per_param"] = 8 * out["mask_bytes_per_param"]
@@ -435,7 +460,10 @@ def summarize(name: str, ranks: list[dict], steps: int, warmup: int) -> dict:
 
 
 def print_table(results: list[dict], args) -> None:
-    print(f"PMP benchmark: TP={args.tp} ({args.tp} gloo processes, CPU), rho={args.rho}, "
+    device = results[0]["device"] if results else "cpu"
+    backend = "gloo processes, CPU" if device == "cpu" else f"processes, NCCL, {device}"
+    extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"PMP benchmark: TP={args.tp} ({args.tp} {backend}{extra}), rho={args.rho}, "
           f"complement={args.complement}; dense and PMP interleaved in blocks of {args.block} steps (ABBA); "
           "medians over steps of the slower rank; 95% bootstrap interval of the ratio; IQR in ms")
     w = 46
@@ -492,6 +520,18 @@ def print_table(results: list[dict], args) -> None:
           "Trainer's own loop. step_ratio below = Stage-II wall-clock PMP/dense.")
 
 
+def megatron_flops(cfg, num_sequences: int) -> float:
+    """Floating-point operations of one training step over ``num_sequences`` sequences (forward and
+    backward), by Megatron-LM's formula (``num_floating_point_operations``: GQA attention with the s x s
+    score and value products, SwiGLU MLP (x1.5 for the gate), logits over the padded vocabulary)."""
+    m = cfg.model
+    h, s_len, layers = m.hidden_size, m.seq_length, m.num_layers
+    vocab = m.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
+    per_layer = ((1 + m.num_query_groups / m.num_attention_heads + s_len / h)
+                 + (m.ffn_hidden_size / h) * 1.5 + vocab / (2 * layers * h))
+    return 12 * num_sequences * s_len * layers * h * h * per_layer
+
+
 def _capped(value: int, cap: int | None) -> int:
     return value if cap is None else min(value, cap)
 
@@ -507,6 +547,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="debug,50m", help=f"comma-separated, of {sorted(SIZES)}")
     ap.add_argument("--rho", type=float, default=0.5, help="mask density (Stage-I top-k fraction)")
     ap.add_argument("--complement", default="decay", choices=["decay", "frozen"])
+    ap.add_argument("--overrides", nargs="*", default=[],
+                    help="config overrides for every size, e.g. model.params_dtype=bfloat16 "
+                         "model.transformer_impl=transformer_engine model.fp8=hybrid")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the stated per-device peak (TFLOP/s) to report MFU against, e.g. 989 for an H100 "
+                         "or H200 SXM in bf16 (dense)")
     ap.add_argument("--adversarial", action="store_true",
                     help="measure adversarial Stage II against plain PMP instead (first size only)")
     ap.add_argument("--inner-steps", type=int, default=4, help="--adversarial: simulated steps per attack")
@@ -533,18 +579,27 @@ def main(argv=None) -> int:
         steps, warmup = _capped(args.steps, caps["steps"]), _capped(args.warmup, caps["warmup"])
         select = _capped(args.steps, caps["select"])
         _log(f"{name}: spawning {args.tp} processes")
-        t0 = time.perf_counter()
-        ranks = spawn(_worker, args.tp, name, SIZES[name]["overrides"], args.tp, args.rho, args.complement,
+        t0 = _now()
+        ranks = spawn(_worker, args.tp, name, [*SIZES[name]["overrides"], *args.overrides], args.tp, args.rho,
+                      args.complement,
                       steps, warmup, args.block, select, _T0, timeout=3600.0)
-        _log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+        _log(f"{name}: done in {_now() - t0:.0f} s")
         results.append(summarize(name, ranks, steps, warmup))
     print_table(results, args)
     head = next((r for r in results if r["name"] == "debug"), results[0])
     for key in ("step_ratio", "mask_bits_per_param", "select_over_backward"):
         if not (math.isfinite(head[key]) and head[key] > 0):
             raise SystemExit(f"bench_pmp: {key}={head[key]} is not a finite positive number")
+    if args.peak_tflops:
+        for r in results:
+            peak = args.peak_tflops * 1e12 * r["world"]
+            mfu = {v: r["flops"] / statistics.median(r[f"stage2_{v}_wall"]) / peak for v in VARIANTS}
+            print(f"{r['name']}: mfu_dense={mfu['dense']:.4f} mfu_pmp={mfu['pmp']:.4f} (Megatron's FLOPs "
+                  f"formula, {r['flops']:.4e} FLOP per step, stated peak {args.peak_tflops:g} "
+                  f"TFLOP/s per device)")
+    ci_high = head["stage2_ci_wall"][1]
     print(f"step_ratio={head['step_ratio']:.4f} mask_bits_per_param={head['mask_bits_per_param']:.4f} "
-          f"select_over_backward={head['select_over_backward']:.4f}", flush=True)
+          f"select_over_backward={head['select_over_backward']:.4f} ci_high={ci_high:.4f}", flush=True)
     return 0
 
 

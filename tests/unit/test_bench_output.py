@@ -11,7 +11,7 @@ import pytest
 
 from pmp_megatron.testing import REPO
 
-LAST_LINE = re.compile(r"step_ratio=(\S+) mask_bits_per_param=(\S+) select_over_backward=(\S+)")
+LAST_LINE = re.compile(r"step_ratio=(\S+) mask_bits_per_param=(\S+) select_over_backward=(\S+) ci_high=(\S+)")
 FLOAT = re.compile(r"\d+\.\d{4}")
 
 
@@ -28,8 +28,8 @@ def test_bench_pmp_last_line():
     match = LAST_LINE.fullmatch(lines[-1])
     assert match, f"unexpected last line: {lines[-1]!r}"
     assert all(FLOAT.fullmatch(g) for g in match.groups()), match.groups()  # 4 decimals
-    step_ratio, mask_bits, select_over_backward = map(float, match.groups())
-    for value in (step_ratio, mask_bits, select_over_backward):
+    step_ratio, mask_bits, select_over_backward, ci_high = map(float, match.groups())
+    for value in (step_ratio, mask_bits, select_over_backward, ci_high):
         assert math.isfinite(value) and value > 0
     assert mask_bits == 8.0  # bool masks: one byte per parameter, as measured on the model
     assert "Trainer.train" in proc.stdout and "mask_grads" in proc.stdout
