@@ -34,8 +34,11 @@ import run_results_experiment as recipes  # noqa: E402
 logger = logging.getLogger("pmp_megatron.results")
 
 RUNS = {"dense": "dense.yaml", "accumulated": "accumulated.yaml", "adversarial": "adversarial.yaml"}
-PMP_RUNS = ["accumulated", "adversarial"]
-SUITES = {"full": "attacks/adversarial-cpu.yaml", "smoke": "attacks/adversarial-smoke.yaml"}
+# the adversarial release (with the controls it shares) first: the primary verdict needs it, and a run the
+# budget stops then still has it
+PMP_RUNS = ["adversarial", "accumulated"]
+SUITES = {"full": "attacks/adversarial-cpu.yaml", "smoke": "attacks/adversarial-smoke.yaml",
+          "cut": "attacks/adversarial-cpu-cut.yaml"}
 # per scale, overrides of the adversarial run on top of its recipe (smoke: a debug-sized simulation)
 EXTRA = {"full": (), "smoke": ("pmp.adversarial.inner_steps=2", "pmp.adversarial.proxy_rows=64")}
 TITLE = "Adversarial Stage II: does training against simulated keyless fine-tuning make PMP resist it?"
@@ -70,12 +73,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=150.0,
                         help="start no new work after this many minutes of this invocation (default 150)")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive key attackers' audits")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="the attack grid (default: the scale's; 'cut' = the full grid without its copy "
+                             "task, a departure the report names)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     scale = recipes.SCALES[args.scale]
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     budget, timings = recipes.Budget(args.budget_minutes), {}
+    suite = SUITES[args.suite or args.scale]
     from pmp_megatron.data.prepare import prepare_builtin
 
     logger.info("[1/5] corpora + tokenizer (vocab %d) -> %s", scale.vocab, work / "data")
@@ -89,9 +96,9 @@ def main(argv=None) -> int:
     t = time.time()
     audits = recipes.release_all(work, not args.no_adaptive, RUNS) if pretrained else {}
     timings["release_audit_s"] = round(time.time() - t)
-    logger.info("[4/5] attack suite %s", SUITES[args.scale])
+    logger.info("[4/5] attack suite %s", suite)
     t = time.time()
-    ids, attacked = (recipes.attack_all(work, scale, budget, PMP_RUNS, SUITES[args.scale]) if pretrained
+    ids, attacked = (recipes.attack_all(work, scale, budget, PMP_RUNS, suite) if pretrained
                      else ({}, False))
     timings["attacks_s"] = round(time.time() - t)
     logger.info("[5/5] report -> %s", out)
@@ -99,8 +106,9 @@ def main(argv=None) -> int:
 
     sim = simulated(args.scale)
     return recipes.report(
-        work, out, SUITES[args.scale], ids, audits, budget, timings, pretrained and attacked,
-        {"command": f"python tools/run_adversarial_experiment.py --scale {args.scale}", "scale": args.scale,
+        work, out, suite, ids, audits, budget, timings, pretrained and attacked,
+        {"command": f"python tools/run_adversarial_experiment.py --scale {args.scale}"
+                    + (f" --suite {args.suite}" if args.suite else ""), "scale": args.scale, "suite": suite,
          "scale_settings": asdict(scale), "adversarial_overrides": EXTRA[args.scale],
          "budget_minutes": args.budget_minutes},
         title=TITLE, preregistration=PREREGISTRATION, cuts=CUTS,

@@ -126,7 +126,8 @@ def test_the_adversarial_recipe_is_accumulated_plus_its_own_section_and_names_th
     adv = recipe.pmp.adversarial
     assert adv.enabled and (adv.interval, adv.inner_steps, adv.inner_lr) == (2, 8, [1e-4, 1e-3])
     declared = {task_identity(t) for t in adv.evaluation_tasks}
-    for suite_file in ("recipes-cpu.yaml", "adversarial-cpu.yaml", "adversarial-smoke.yaml"):
+    for suite_file in ("recipes-cpu.yaml", "adversarial-cpu.yaml", "adversarial-cpu-cut.yaml",
+                       "adversarial-smoke.yaml"):
         suite = load_suite(ROOT / "configs" / "attacks" / suite_file)
         for task in [*suite.tasks, suite.pretraining_eval]:
             spelled = {"lm": task.source, "synthetic": f"synthetic:{task.source}",
@@ -152,3 +153,16 @@ def test_inner_batch_not_split_over_the_data_parallel_ranks_fails_before_compute
     with pytest.raises(ValueError, match=r"pmp\.adversarial\.inner_batch_size \(8\) must be divisible by "
                                          r"train\.micro_batch_size \* data-parallel size \(2 \* 8\)"):
         load(DEBUG, ok, world_size=8)
+
+
+def test_the_cut_grid_is_the_preregistered_one_without_copy():
+    """adversarial-cpu-cut.yaml (the departure the adversarial report names) differs from the pre-registered
+    grid by its copy task only."""
+    import dataclasses
+
+    from pmp_megatron.attack.suite import load_suite
+
+    full = load_suite(ROOT / "configs" / "attacks" / "adversarial-cpu.yaml")
+    cut = load_suite(ROOT / "configs" / "attacks" / "adversarial-cpu-cut.yaml")
+    assert [t for t in full.tasks if t.name != "copy"] == cut.tasks and len(full.tasks) == len(cut.tasks) + 1
+    assert dataclasses.replace(full, tasks=cut.tasks) == cut
