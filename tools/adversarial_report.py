@@ -66,6 +66,12 @@ def _per_adversary(base: list[dict], treated: list[dict], task: str, simulated: 
     return rows
 
 
+def _grid(records: list[dict], task: str, attacker: str) -> set[tuple[str, int]]:
+    """The (adversary, seed) cells of ``attacker`` on ``task`` that have a score."""
+    return {(r["adversary"], r["seed"]) for r in records
+            if r["task"] == task and r["attacker"] == attacker and r.get("score_after") is not None}
+
+
 def _throughput(metrics: dict, name: str) -> float | None:
     tps = [r for r in metrics.get(name, {}).get("train_records", []) if r.get("tokens_per_s")]
     return statistics.median(r["tokens_per_s"] for r in tps) if tps else None
@@ -81,6 +87,8 @@ def comparison(records: list[dict], runs: dict, metrics: dict, simulated: dict) 
     for task in dict.fromkeys(r["task"] for r in treated):
         entry = {}
         for kind, attacker in (("keyless", "unauthorized"), ("key", "authorized")):
+            if _grid(treated, task, attacker) != _grid(base, task, attacker):
+                continue  # a run stopped by its budget: a best over fewer adversaries is no best
             a, b = _best_scores(treated, attacker).get(task), _best_scores(base, attacker).get(task)
             if a is None or b is None or len(a[1]) != len(b[1]):
                 continue
