@@ -45,8 +45,8 @@ def test_the_scripts_bench_flags_on_cpu():
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
-    mfu = re.fullmatch(r"debug: mfu_dense=(\S+) mfu_pmp=(\S+) \(Megatron's FLOPs formula, (\S+) FLOP per step, .*",
-                       lines[-2])
+    mfu = re.fullmatch(r"debug: mfu_dense=(\S+) mfu_pmp=(\S+) "
+                       r"\(Megatron's FLOPs formula, (\S+) FLOP per step, .*", lines[-2])
     assert mfu, lines[-2]
     assert all(0 < float(x) and math.isfinite(float(x)) for x in mfu.groups())
     last = re.fullmatch(r"step_ratio=(\S+) mask_bits_per_param=(\S+) select_over_backward=(\S+) "
