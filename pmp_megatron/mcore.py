@@ -259,3 +259,10 @@ def tiktoken_pattern(name: str) -> str:
 
     patterns = {"v1": tiktoken_tokenizer._PATTERN_TIKTOKEN_V1, "v2": tiktoken_tokenizer._PATTERN_TIKTOKEN_V2}
     return patterns[name]
+
+
+def tiktoken_special_tokens() -> list[str]:
+    """megatron's ``TikTokenTokenizer`` control tokens before its ``<SPECIAL_i>`` fillers, in id order."""
+    from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer
+
+    return list(tiktoken_tokenizer.SPECIAL_TOKENS)

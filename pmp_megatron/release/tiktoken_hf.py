@@ -17,7 +17,6 @@ import base64
 import json
 from pathlib import Path
 
-BASE_SPECIAL = ["<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>"]  # megatron's SPECIAL_TOKENS
 FILLER = "<SPECIAL_{}>"
 
 
@@ -50,11 +49,13 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 def special_tokens(num_special_tokens: int) -> list[str]:
-    """megatron's control tokens, in id order."""
-    if num_special_tokens < len(BASE_SPECIAL):
-        raise ValueError(f"data.tiktoken_num_special_tokens must be >= {len(BASE_SPECIAL)}, "
-                         f"got {num_special_tokens}")
-    return BASE_SPECIAL + [FILLER.format(i) for i in range(len(BASE_SPECIAL), num_special_tokens)]
+    """megatron's control tokens, in id order (its own list, then fillers)."""
+    from pmp_megatron import mcore
+
+    base = mcore.tiktoken_special_tokens()
+    if num_special_tokens < len(base):
+        raise ValueError(f"data.tiktoken_num_special_tokens must be >= {len(base)}, got {num_special_tokens}")
+    return base + [FILLER.format(i) for i in range(len(base), num_special_tokens)]
 
 
 def build_tokenizer(ranks: dict[bytes, int], pattern: str, num_special_tokens: int):
