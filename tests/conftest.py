@@ -12,3 +12,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    """A test that leaves torch.distributed initialised in the pytest process fails itself, not whichever
+    later test first needs a fresh group (in-process distributed work belongs in testing.spawn)."""
+    import torch.distributed as dist
+
+    was = dist.is_available() and dist.is_initialized()
+    yield
+    if not was and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("this test left a torch.distributed process group initialised in the pytest process")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmp_megatron.testing import tiny_hf_tokenizer
+from pmp_megatron.testing import spawn, tiny_hf_tokenizer
 
 pytestmark = pytest.mark.e2e
 ATOL = 1e-5
@@ -104,42 +104,46 @@ def test_import_and_init_from_bad_input(tmp_path):
         load_config(DEBUG_MODEL, ["pmp.mode=pmp", "pmp.rho=0.1", f"checkpoint.init_from={tmp_path}"])
 
 
-def _init(cfg_overrides):
-    """Weights of a debug model (dense, seed 5: not the source's) after init_weights, by parameter name."""
-    from pmp_megatron import mcore
+def _init_worker(cfg_overrides):
+    """In a spawned worker (the test process keeps no process group): weights of a debug model (dense,
+    seed 5: not the source's) after init_weights, by parameter name; or the ValueError's message."""
     from pmp_megatron.model.gpt import build_model
-    from pmp_megatron.testing import debug_config
+    from pmp_megatron.testing import init_debug_parallel
     from pmp_megatron.train import resume
 
-    cfg = debug_config(["pmp.mode=dense", "model.seed=5", *cfg_overrides])
-    mcore.setup_parallel()
+    cfg = init_debug_parallel(["pmp.mode=dense", "model.seed=5", *cfg_overrides], 1)
+    chunks = build_model(cfg)
     try:
-        chunks = build_model(cfg)
         if cfg.checkpoint.init_from is not None:
             resume.init_weights(cfg, chunks)
-        return {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
-    finally:
-        mcore.destroy_model_parallel()
+    except ValueError as e:
+        return str(e)
+    return {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+
+
+def _save_source_worker(directory):
+    """In a spawned worker: save a dense seed-3 debug model at iteration 7; return its weights."""
+    from pmp_megatron.config import config_to_dict
+    from pmp_megatron.testing import init_debug_model
+    from pmp_megatron.train import checkpoint
+
+    cfg, chunks = init_debug_model(["pmp.mode=dense", "model.seed=3"], 1)
+    checkpoint.save(directory, 7, chunks, None, cfg,
+                    dict(config=config_to_dict(cfg), iteration=7, consumed_samples=0, pmp_mode="dense"))
+    return {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+
+
+def _init(cfg_overrides):
+    result = spawn(_init_worker, 1, list(cfg_overrides))[0]
+    if isinstance(result, str):
+        raise ValueError(result)
+    return result
 
 
 def test_init_from_loads_exactly_and_names_bad_sources(tmp_path):
-    from pmp_megatron import mcore
-    from pmp_megatron.config import config_to_dict
-    from pmp_megatron.model.gpt import build_model
-    from pmp_megatron.testing import debug_config
-    from pmp_megatron.train import checkpoint
-
     with pytest.raises(ValueError, match="checkpoint.init_from.*no valid checkpoint"):
         _init([f"checkpoint.init_from={tmp_path / 'none'}"])
-    cfg = debug_config(["pmp.mode=dense", "model.seed=3"])
-    mcore.setup_parallel()
-    try:
-        chunks = build_model(cfg)
-        source = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
-        checkpoint.save(tmp_path / "src", 7, chunks, None, cfg,
-                        dict(config=config_to_dict(cfg), iteration=7, consumed_samples=0, pmp_mode="dense"))
-    finally:
-        mcore.destroy_model_parallel()
+    source = spawn(_save_source_worker, 1, str(tmp_path / "src"))[0]
     with pytest.raises(ValueError, match=r"another architecture: model.ffn_hidden_size"):
         _init([f"checkpoint.init_from={tmp_path / 'src'}", "model.ffn_hidden_size=160"])
     loaded = _init([f"checkpoint.init_from={tmp_path / 'src'}"])
