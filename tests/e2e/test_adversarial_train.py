@@ -43,11 +43,16 @@ def _train(run_dir, steps):
     return Trainer(cfg, batches=source).run(), lines
 
 
-def _weights(run_dir, iteration):
+def _load_weights(run_dir, iteration):
     from pmp_megatron import mcore
 
     mcore.init_distributed()
     return mcore.dist_checkpointing.load_plain_tensors(str(Path(run_dir) / f"iter_{iteration:07d}"))
+
+
+def _weights(run_dir, iteration):
+    """Every tensor of a checkpoint, loaded in a worker (the test process keeps no process group)."""
+    return spawn(_load_weights, 1, str(run_dir), iteration)[0]
 
 
 @pytest.fixture(scope="module")
