@@ -384,7 +384,7 @@ def run_cell(cell: Cell, ctx: runner.AttackContext, checkpoints: Path | None = N
     try:
         if local_masks is not None:
             pmp_masks.attach(engine.chunks, m.vocab_size, local_masks)
-            rule = MaskedUpdate(engine.model, optimizer, cfg)
+            rule = MaskedUpdate(engine.model, optimizer, cfg, iteration=progress.ran)
         trainee = MegatronTrainee(cell, ctx, cfg, engine.model, optimizer, rule)
 
         def after_step(p: cell_loop.Progress) -> None:
@@ -402,10 +402,9 @@ def run_cell(cell: Cell, ctx: runner.AttackContext, checkpoints: Path | None = N
             hook(cell, _hf_state(engine.chunks, m))
     finally:
         tcfg.finalize_model_grads_func = finalize  # MaskedUpdate wrapped it for this cell only
-        for chunk in engine.chunks:
-            for param in chunk.parameters():
-                if hasattr(param, "pmp_mask"):
-                    del param.pmp_mask
+        if rule is not None:
+            rule.close()
+        pmp_masks.detach(engine.chunks)
     record.update({"device": f"megatron tp{mcore.tp_size()} pp{mcore.pp_size()} dp{mcore.dp_size()} "
                              f"{mcore.device().type}",
                    "wall_s": round(time.time() - start, 3), "finished": time.time()})

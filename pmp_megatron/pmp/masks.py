@@ -1,8 +1,10 @@
 """Per-shard PMP masks, owned by the parameters they mask.
 
 Each parameter of every model chunk (TP-sharded or replicated, every PP and virtual stage, embeddings and
-output layer included) carries ``param.pmp_mask``: a bool tensor of the parameter's LOCAL shape, True =
-trainable (kept). Padded vocabulary rows are always False.
+output layer included) carries ``param.pmp_mask_bits``: a ``BitMask`` (``pmp/bitmask.py``, one bit per
+entry) of the parameter's LOCAL shape, True = trainable (kept); ``mask_of(param)`` unpacks it. Padded
+vocabulary rows are always False. Stage II points these views into one packed mask per gradient buffer
+(``pmp/grad_mask.py``).
 
 For checkpoints the masks' sharded state MIRRORS each weight's own sharded state: the same global shape,
 offsets, replica id and -- for SwiGLU ``linear_fc1``, whose TP shard is ``[gate_r; up_r]`` -- the same
@@ -23,6 +25,7 @@ import torch
 
 from pmp_megatron import mcore
 from pmp_megatron.model.params import shard_infos
+from pmp_megatron.pmp.bitmask import BitMask
 
 MASK_PREFIX = "pmp_mask."
 SCORE_PREFIX = "pmp_score."
@@ -40,18 +43,36 @@ def attach(chunks, vocab_size: int, masks: dict[str, torch.Tensor]) -> None:
             raise ValueError(
                 f"PMP mask for {name} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}"
             )
-        param.pmp_mask = mask & info.real(param.shape, device=param.device)
+        param.pmp_mask_bits = BitMask.of(mask & info.real(param.shape, device=param.device))
+
+
+def mask_of(param) -> torch.Tensor:
+    """The parameter's mask unpacked: a new bool tensor of its local shape."""
+    return param.pmp_mask_bits.bool()
+
+
+def has_mask(param) -> bool:
+    return hasattr(param, "pmp_mask_bits")
+
+
+def detach(chunks) -> None:
+    """Remove every parameter's mask (a model that goes on dense)."""
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if has_mask(param):
+                del param.pmp_mask_bits
 
 
 def has_masks(chunks) -> bool:
-    return all(hasattr(p, "pmp_mask") for chunk in chunks for p in chunk.parameters())
+    return all(has_mask(p) for chunk in chunks for p in chunk.parameters())
 
 
 def sharded_state_dict(chunks, empty: bool = False) -> dict:
     """Sharded state of the masks, mirroring each weight's own sharded state (see module docstring).
 
     ``empty=True`` gives fresh tensors to load into (then call ``attach_loaded``); otherwise the data are
-    the parameters' current masks. Keys are the weights' checkpoint keys with ``pmp_mask.`` in front; a
+    the parameters' current masks, unpacked for the save (a byte per entry while the state is alive).
+    Keys are the weights' checkpoint keys with ``pmp_mask.`` in front; a
     parameter's ``pmp_score`` (when it has one) is mirrored likewise under ``pmp_score.``.
     """
     out = {}
@@ -67,7 +88,7 @@ def sharded_state_dict(chunks, empty: bool = False) -> dict:
             if empty:
                 mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
             else:
-                mask = param.pmp_mask
+                mask = mask_of(param)
             out[f"chunk{i}.{key}"] = _mirror(sh, MASK_PREFIX, mask, param, "pmp_mask")
             score = getattr(param, "pmp_score", None)
             if score is not None:
@@ -94,7 +115,7 @@ def attach_loaded(loaded: dict, template: dict) -> None:
         value = loaded[key]
         value = value if isinstance(value, torch.Tensor) else value.data
         if sh.pmp_attr == "pmp_mask":
-            sh.pmp_param.pmp_mask = value.to(torch.bool)
+            sh.pmp_param.pmp_mask_bits = BitMask.of(value.to(torch.bool))
         else:
             sh.pmp_param.pmp_score = value.to(torch.float32)
 
@@ -104,7 +125,7 @@ def density(chunks, vocab_size: int) -> float:
     kept = torch.zeros(2, dtype=torch.float64)
     for param, info in shard_infos(chunks, vocab_size).values():
         if info.counted:
-            kept[0] += param.pmp_mask.sum().item()
+            kept[0] += param.pmp_mask_bits.count()
             kept[1] += info.numel()
     if torch.distributed.is_initialized():
         mcore.all_reduce(kept, group=mcore.model_parallel_group())

@@ -54,7 +54,7 @@ def load_global_masks(root, iteration: int | None = None):
     for name, (param, info) in shard_infos(chunks, cfg.model.vocab_size).items():
         full[name] = torch.zeros(info.global_shape, dtype=torch.bool)
         for lo, gl in info.local_slices():  # drops padded rows; at TP=1 fc1 is still [gate; up]
-            full[name][gl] = param.pmp_mask[lo].cpu()
+            full[name][gl] = pmp_masks.mask_of(param)[lo].cpu()
     return full, cfg
 
 

@@ -220,7 +220,7 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]], root: Path 
         resume, model, optimizer = load_with_fallback(cfg, resume, make, scfg)
         first, streak, history = resume.iteration, resume.common["streak"], list(resume.common["history"])
         if resume.common.get("has_masks"):
-            prev = {n: p.pmp_mask for n, (p, _) in shard_infos(model, cfg.model.vocab_size).items()}
+            prev = {n: pmp_masks.mask_of(p) for n, (p, _) in shard_infos(model, cfg.model.vocab_size).items()}
         logger.info("stage I resumed from %s at step %d", checkpoint.iter_dir(resume.root, first), first)
     entries = shard_infos(model, cfg.model.vocab_size)
     infos = {name: info for name, (_, info) in entries.items()}

@@ -239,7 +239,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.pmp.mode == "pmp":
             state.rule = MaskedUpdate(state.model, state.optimizer, cfg,
-                                      secret_seed=cfg.model.seed if self.seed_secret else None)
+                                      secret_seed=cfg.model.seed if self.seed_secret else None,
+                                      iteration=state.iteration)
             logger.info("Stage II: PMP with %.4f of the parameters trainable (complement: %s%s)",
                         pmp_masks.density(state.model, cfg.model.vocab_size), cfg.pmp.complement,
                         ", projected" if cfg.pmp.projection else "")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pmp_megatron.testing import spawn
+from pmp_megatron.pmp.masks import mask_of
 
 STEP = 3
 BASE = ["pmp.mode=pmp", "pmp.rho=0.5", "optim.lr=1e-2", "optim.lr_decay_style=constant", "optim.clip_grad=0.0",
@@ -74,7 +75,7 @@ def _engine(overrides, world):
     batches = synthetic_batches(cfg, 2, 2, seed=5)[mcore.dp_rank()::mcore.dp_size()]
     result, stats = adv.step(opt, batches, STEP)
     return dict(start=gather_full({n: (start[n], i) for n, (_, i) in infos.items()}), keyless=reached[False],
-                keyed=reached[True], grad=gather(lambda p: p.main_grad), masks=gather(lambda p: p.pmp_mask),
+                keyed=reached[True], grad=gather(lambda p: p.main_grad), masks=gather(mask_of),
                 loss=result.loss, stats=stats, lr=plan.lr)
 
 
@@ -96,7 +97,7 @@ def _reference(overrides):
     infos = shard_infos(chunks, vocab)
     names = list(infos)
     params = [infos[n][0] for n in names]
-    masks = [p.pmp_mask for p in params]
+    masks = [mask_of(p) for p in params]
     start = [p.detach().clone() for p in params]
     plan = draw(cfg, STEP, len(proxy))
 
@@ -224,7 +225,7 @@ def _complement(policy, extra):
             train_step(model, opt, batches, cfg)
         rule.after_step(STEP)
         out[kind] = gather_full({n: (p.detach(), i) for n, (p, i) in infos.items()})
-        out["w0"], out["masks"] = w0, gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()})
+        out["w0"], out["masks"] = w0, gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()})
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pmp_megatron.testing import spawn
+from pmp_megatron.pmp.masks import mask_of
 
 SECRET = 0x51C7_9F3A_B684_0E2D_E7A0_4C19_D2F1_3B5D
 TP2_BF16 = ["parallel.tensor_model_parallel_size=2", "model.params_dtype=bfloat16"]
@@ -49,10 +50,10 @@ def _tp2(extra):
         stats.append(rule.after_step(step))
         after.append(snap())
     resumed = MaskedUpdate(chunks, opt, cfg, secret_seed=SECRET).radius if cfg.pmp.projection else None
-    masks = gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()})
+    masks = gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()})
     return dict(before=before, after=after, stats=stats, radius=rule.radius, resumed=resumed,
                 at_build=at_build, w0=w0, masks=masks,
-                local_masks={n: p.pmp_mask.clone() for n, (p, _) in infos.items()},
+                local_masks={n: mask_of(p) for n, (p, _) in infos.items()},
                 real={n: i.real(p.shape) for n, (p, i) in infos.items()},
                 sharded={n: bool(getattr(p, "tensor_model_parallel", False)) for n, (p, _) in infos.items()})
 

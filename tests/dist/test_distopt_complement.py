@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pmp_megatron.testing import spawn
+from pmp_megatron.pmp.masks import mask_of
 
 STEPS = 3
 BASE = ["parallel.tensor_model_parallel_size=2", "pmp.mode=pmp", "pmp.rho=0.5", "optim.lr=1e-2",
@@ -50,7 +51,7 @@ def _run(overrides):
         sched.step(1)
         stats.append(rule.after_step(step))
     return dict(weights=gather_full({n: (p.detach(), i) for n, (p, i) in infos.items()}), w0=w0,
-                masks=gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()}), stats=stats,
+                masks=gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()}), stats=stats,
                 local={n: p.detach().clone() for n, (p, _) in infos.items()}, sharded=rule.sharded,
                 where=(mcore.tp_rank(), mcore.pp_rank(), r), radius=rule.radius)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pmp_megatron.testing import spawn
+from pmp_megatron.pmp.masks import mask_of
 
 
 def _save(overrides, world, ckpt_dir):
@@ -18,7 +19,7 @@ def _save(overrides, world, ckpt_dir):
     attach_random_masks(chunks, cfg, density=0.3)
     mcore.dist_checkpointing.save(masks.sharded_state_dict(chunks), ckpt_dir)
     infos = shard_infos(chunks, cfg.model.vocab_size)
-    return gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()})
+    return gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()})
 
 
 def _load(overrides, world, ckpt_dir):
@@ -32,8 +33,8 @@ def _load(overrides, world, ckpt_dir):
     loaded = mcore.dist_checkpointing.load(template, ckpt_dir)
     masks.attach_loaded(loaded, template)
     infos = shard_infos(chunks, cfg.model.vocab_size)
-    padded_rows_false = all(not p.pmp_mask[~i.real(p.shape)].any() for p, i in infos.values())
-    return gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()}), padded_rows_false
+    padded_rows_false = all(not mask_of(p)[~i.real(p.shape)].any() for p, i in infos.values())
+    return gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()}), padded_rows_false
 
 
 TP2PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]

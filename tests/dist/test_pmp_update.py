@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pmp_megatron.testing import spawn
+from pmp_megatron.pmp.masks import mask_of
 
 STEPS = 3
 LR, WD = 1e-2, 0.1
@@ -39,7 +40,7 @@ def _stage2(overrides, world, extra):
         stats.append(rule.after_step(step))
         trace.append((result.loss, result.grad_norm))
     weights = gather_full({n: (p, i) for n, (p, i) in infos.items()})
-    masks = gather_full({n: (p.pmp_mask, i) for n, (p, i) in infos.items()})
+    masks = gather_full({n: (mask_of(p), i) for n, (p, i) in infos.items()})
     return w0, weights, masks, trace, stats
 
 

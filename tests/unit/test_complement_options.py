@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pmp_megatron.pmp import redraw
+from pmp_megatron.pmp.masks import mask_of
 from pmp_megatron.testing import spawn
 
 SECRET = 0x9F3A_51C7_0E2D_B684_4C19_E7A0_3B5D_D2F1  # a 128-bit "secret" W0 seed, as the Trainer draws
@@ -141,7 +142,7 @@ def _stage2(extra, steps, secret):
         return snap()
 
     out = dict(w0=w0, before=before, after=after, stats=stats, refused=refused, radius=rule.radius,
-               masks={n: p.pmp_mask.clone() for n, (p, _) in infos.items()},
+               masks={n: mask_of(p) for n, (p, _) in infos.items()},
                real={n: i.real(p.shape) for n, (p, i) in infos.items()},
                keys={n: (i.dim, i.blocks) for n, (_, i) in infos.items()})
     if cfg.pmp.complement == "redraw":

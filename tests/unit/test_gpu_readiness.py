@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pmp_megatron.pmp.masks import has_mask
 from pmp_megatron.testing import spawn
 
 STAGE1 = ["pmp.mode=pmp", "pmp.rho=0.5", "pmp.discovery.max_steps=1", "pmp.discovery.batch=global",
@@ -46,7 +47,7 @@ def _stage1_masks_alive():
 
     state = trainer_mod.Trainer(cfg, batches=source).build()
     gc.collect()
-    with_mask = sum(hasattr(p, "pmp_mask") for chunk in state.model for p in chunk.parameters())
+    with_mask = sum(has_mask(p) for chunk in state.model for p in chunk.parameters())
     return alive_at_optimizer, sum(r() is not None for r in refs), len(refs), with_mask
 
 
