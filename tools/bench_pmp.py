@@ -1,8 +1,10 @@
 """Benchmark the cost of PMP's Stage II against the dense baseline, and of the Stage-I selection.
 
-One invocation, everything measured in the same run on ``--tp`` gloo processes (``pmp_megatron.testing
-.spawn``, TP = ``--tp``, DP = PP = 1), per model size (``--sizes``: ``debug`` = configs/model/debug.yaml
-with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base config):
+One invocation, everything measured in the same run on ``--tp`` x ``--dp`` gloo processes
+(``pmp_megatron.testing.spawn``, TP = ``--tp``, DP = ``--dp``, PP = 1; ``--overrides
+parallel.use_distributed_optimizer=true`` for the distributed optimizer), per model size (``--sizes``:
+``debug`` = configs/model/debug.yaml with its trainer defaults, ``50m`` = a ~50M-parameter model on the
+same base config):
 
 - **Stage-II step, PMP vs dense.** Two trainer states (``Trainer.build``) from the same W0 in the same
   processes: a dense one and a PMP one (masks from a real Stage-I selection at ``--rho``, passed to
@@ -11,8 +13,11 @@ with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base con
   clipping inside), ``scheduler.step`` and, for PMP, the gradient masking inside ``finalize_model_grads``
   plus ``after_step``. The two variants run in alternating blocks of ``--block`` steps (ABBA order) after
   ``--warmup`` steps each, so machine noise hits both equally; each step starts after a barrier and the
-  slower rank counts. Medians are reported, of wall-clock time (the headline) and of process CPU time
-  (less sensitive to other jobs on a shared machine).
+  slower rank counts. The ratio PMP/dense is paired: each PMP block against the dense block next to it
+  (the same round), the geometric mean of those block ratios with a 95% t-interval over the pairs (on
+  their logarithms), so slow drifts of the machine cancel. Medians per variant are reported too, of
+  wall-clock time (the headline) and of process CPU time (less sensitive to other jobs on a shared
+  machine).
 - **Full Trainer step.** ``Trainer.train`` itself, fed synthetic batches through its batch source (no
   checkpoints, no eval), for both variants with the same states, again in alternating blocks. Its
   ``on_step`` callback stamps the end of each iteration, so one timed iteration is exactly one pass of
@@ -25,11 +30,12 @@ with its trainer defaults, ``50m`` = a ~50M-parameter model on the same base con
   (the three ops with the largest PMP-dense difference are printed). On CPU, for example, ``aten::sqrt``
   is several times slower on exact zeros, and the masked complement's Adam second moments are exactly
   zero.
-- **Mask storage, measured.** The bytes of boolean tensor storage the PMP build leaves alive in the
-  process: every live bool tensor is found through the garbage collector after ``build`` (each storage
-  once), less those alive before it (the selection's own mask dict left out and dropped after the build,
-  as the Trainer drops Stage I's), per local parameter (summed over ranks), and in bits. A mask dict kept
-  beside the parameters' masks shows here as 16 bits; packed masks would show their packing.
+- **Mask storage, measured.** The bytes of mask storage the PMP build leaves alive in the process: every
+  live bool or uint8 tensor (the packed masks of ``pmp/bitmask.py`` are uint8) is found through the
+  garbage collector after ``build`` (each storage once), less those alive before it (the selection's own
+  mask dict left out and dropped after the build, as the Trainer drops Stage I's), per local parameter
+  (summed over ranks), and in bits. A bool mask dict kept beside the parameters' masks would show here as
+  8 more bits.
 - **Selection vs backward.** ``global_topk_masks`` over the ``main_grad`` right after a forward-backward
   (the Stage-I selection at ``--rho``) against that forward-backward's time (forward + backward +
   ``finalize_model_grads``).
@@ -53,6 +59,8 @@ amortized_ratio=<f>``: adversarial/plain wall-clock per step, its 95% interval, 
 step with an adversarial step every ``--interval`` steps (1 + (ratio - 1) / interval).
 
     python tools/bench_pmp.py                       # debug and 50m: a few minutes on 2 cores
+    python tools/bench_pmp.py --sizes 50m --tp 1 --dp 2 --steps 160 --block 4 \
+        --overrides parallel.use_distributed_optimizer=true   # issue #14's +-2% bench (quiet cores)
     python tools/bench_pmp.py --steps 2 --warmup 1 --sizes debug
     python tools/bench_pmp.py --adversarial --sizes debug --steps 6
 """
@@ -68,8 +76,9 @@ import sys
 import time
 
 # Model sizes: overrides on top of configs/model/debug.yaml (the debug model keeps its trainer defaults:
-# 8 microbatches of 4 x 64 tokens at DP=1), and caps on --steps / --warmup / the selection repeats that
-# keep the 50M model (seconds per step on 2 cores) within a few minutes.
+# 8 microbatches of 4 x 64 tokens at DP=1), and caps on the default --steps / --warmup and on the
+# selection repeats that keep the 50M model (seconds per step on 2 cores) within a few minutes (a --steps
+# or --warmup given explicitly is used as given).
 SIZES = {
     "debug": dict(overrides=[], caps=dict(steps=None, warmup=None, select=None)),
     "50m": dict(overrides=["model.num_layers=13", "model.hidden_size=512", "model.num_attention_heads=8",
@@ -114,9 +123,9 @@ def _since(t0: tuple[float, float], t1: tuple[float, float] | None = None) -> tu
     return t1[0] - t0[0], t1[1] - t0[1]
 
 
-def _bool_storage_bytes(skip=()) -> int:
-    """Bytes of every boolean tensor storage alive in this process (found through the garbage collector,
-    each storage once, on any device), leaving out the storages of the tensors in ``skip``."""
+def _mask_storage_bytes(skip=()) -> int:
+    """Bytes of every bool or uint8 tensor storage alive in this process (found through the garbage
+    collector, each storage once, on any device), leaving out the storages of the tensors in ``skip``."""
     import gc
 
     import torch
@@ -129,7 +138,8 @@ def _bool_storage_bytes(skip=()) -> int:
     skipped = {key(t) for t in skip}
     sizes = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.dtype == torch.bool and obj.layout == torch.strided:
+        if (isinstance(obj, torch.Tensor) and obj.dtype in (torch.bool, torch.uint8)
+                and obj.layout == torch.strided):
             if key(obj) not in skipped:
                 sizes[key(obj)] = obj.untyped_storage().nbytes()
     return sum(sizes.values())
@@ -153,7 +163,7 @@ def _interleave(run_block, steps: int, warmup: int, block: int,
     return times
 
 
-def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: str, steps: int,
+def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, complement: str, steps: int,
             warmup: int, block: int, select_steps: int, t0: float) -> dict:
     """One rank: build the dense and the PMP trainer state, run every measurement, return the raw times."""
     global _T0
@@ -171,7 +181,7 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
     from pmp_megatron.train.step import forward_backward, train_step, zero_grads
     from pmp_megatron.train.trainer import Trainer
 
-    world = tp
+    world = tp * dp
     base = [*overrides, f"parallel.tensor_model_parallel_size={tp}"]
     cfgs = {"dense": init_debug_parallel(base, world),
             "pmp": debug_config([*base, "pmp.mode=pmp", f"pmp.rho={rho}", f"pmp.complement={complement}"],
@@ -220,13 +230,13 @@ def _worker(name: str, overrides: list[str], tp: int, rho: float, complement: st
 
     # --- The PMP state: the same W0 (a fresh build from the seed), masks from the selection above. Its
     # mask storage is what the build adds to the live boolean tensors, once the selection's dict is gone.
-    before = _bool_storage_bytes(skip=masks.values())
+    before = _mask_storage_bytes(skip=masks.values())
     pmp = trainers["pmp"].build(masks=masks)
     del masks
     states = {"dense": dense, "pmp": pmp}
     local = [p for c in pmp.model for p in mcore.unwrap(c).parameters()]
     storage = dict(
-        mask_bytes=_bool_storage_bytes() - before,
+        mask_bytes=_mask_storage_bytes() - before,
         extra_bytes=sum(v.element_size() * v.numel() for v in pmp.rule.frozen_values or []),
         local_params=sum(p.numel() for p in local),
     )
@@ -408,6 +418,17 @@ def _iqr_ms(xs) -> str:
     return f"{1e3 * q[0]:.1f}-{1e3 * q[2]:.1f}"
 
 
+def _paired_ratio(dense, pmp, block: int) -> tuple[float, float, float]:
+    """PMP/dense over paired blocks (``_interleave``'s rounds: block i of each variant): the geometric mean
+    of the per-pair ratios of mean step time, and its 95% t-interval (over the pairs, on the logs)."""
+    from pmp_megatron.attack.stats import mean_interval
+
+    logs = [math.log(statistics.fmean(pmp[i: i + block]) / statistics.fmean(dense[i: i + block]))
+            for i in range(0, min(len(dense), len(pmp)), block)]
+    i = mean_interval(logs)
+    return math.exp(i.estimate), math.exp(i.low), math.exp(i.high)
+
+
 def _ratio_ci(dense, pmp, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval of median(pmp) / median(dense) (steps resampled independently)."""
     rng = random.Random(seed)
@@ -416,8 +437,8 @@ def _ratio_ci(dense, pmp, resamples: int = 2000, seed: int = 0) -> tuple[float, 
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
-def summarize(name: str, ranks: list[dict], steps: int, warmup: int) -> dict:
-    """Per-step times combined over ranks (the slower rank per step), medians and ratios."""
+def summarize(name: str, ranks: list[dict], steps: int, warmup: int, block: int) -> dict:
+    """Per-step times combined over ranks (the slower rank per step), medians and paired ratios."""
     r0 = ranks[0]
     out = dict(name=name, steps=steps, warmup=warmup,
                **{k: r0[k] for k in ("params", "num_micro", "mbs", "seq", "density", "flops", "world",
@@ -432,8 +453,9 @@ def summarize(name: str, ranks: list[dict], steps: int, warmup: int) -> dict:
                 out[f"{kind}_{v}_{clock}"] = _max_over_ranks([[t[i] for t in r[kind][v]] for r in ranks])
         for clock in ("wall", "cpu"):
             d, p = out[f"{kind}_dense_{clock}"], out[f"{kind}_pmp_{clock}"]
-            out[f"{kind}_ratio_{clock}"] = statistics.median(p) / statistics.median(d)
-            out[f"{kind}_ci_{clock}"] = _ratio_ci(d, p)
+            out[f"{kind}_median_ratio_{clock}"] = statistics.median(p) / statistics.median(d)
+            ratio, lo, hi = _paired_ratio(d, p, block)
+            out[f"{kind}_ratio_{clock}"], out[f"{kind}_ci_{clock}"] = ratio, (lo, hi)
     out["step_ratio"] = out["stage2_ratio_wall"]
     out["select"] = _max_over_ranks([r["select"] for r in ranks])
     out["fwd_bwd"] = _max_over_ranks([r["fwd_bwd"] for r in ranks])
@@ -463,9 +485,10 @@ def print_table(results: list[dict], args) -> None:
     device = results[0]["device"] if results else "cpu"
     backend = "gloo processes, CPU" if device == "cpu" else f"processes, NCCL, {device}"
     extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
-    print(f"PMP benchmark: TP={args.tp} ({args.tp} {backend}{extra}), rho={args.rho}, "
+    print(f"PMP benchmark: TP={args.tp} DP={args.dp} ({args.tp * args.dp} {backend}{extra}), rho={args.rho}, "
           f"complement={args.complement}; dense and PMP interleaved in blocks of {args.block} steps (ABBA); "
-          "medians over steps of the slower rank; 95% bootstrap interval of the ratio; IQR in ms")
+          "medians over steps of the slower rank; PMP/dense = geometric mean over paired blocks with its "
+          "95% t-interval (median ratio in brackets); IQR in ms")
     w = 46
     for r in results:
         print()
@@ -481,7 +504,7 @@ def print_table(results: list[dict], args) -> None:
                 lo, hi = r[f"{kind}_ci_{clock}"]
                 print(f"{f'{label}, {clock_label}':<{w}}{_median_ms(d):>10.2f}{_median_ms(p):>10.2f}"
                       f"{r[f'{kind}_ratio_{clock}']:>11.4f}{f'{lo:.3f}-{hi:.3f}':>16}   "
-                      f"{_iqr_ms(d)} | {_iqr_ms(p)}")
+                      f"{_iqr_ms(d)} | {_iqr_ms(p)}   [{r[f'{kind}_median_ratio_{clock}']:.4f}]")
         pmp_step = _median_ms(r["stage2_pmp_wall"])
         mg, af = _median_ms(r["mask_grads"]), _median_ms(r["after_step"])
         for hook, t in (("mask_grads (timed alone)", mg), ("after_step", af)):
@@ -510,7 +533,7 @@ def print_table(results: list[dict], args) -> None:
         sel, fb = _median_ms(r["select"]), _median_ms(r["fwd_bwd"])
         print(f"{f'Stage-I selection (global_topk_masks) [n={len(r["select"])}]':<{w}}{'':>10}{sel:>10.2f}"
               f"   / forward+backward {fb:.2f} ms = {r['select_over_backward']:.4f}")
-        print(f"{'mask storage (live bool tensors)':<{w}}{'':>20}   {r['mask_bytes_per_param']:.4f} "
+        print(f"{'mask storage (live bool/uint8 tensors)':<{w}}{'':>20}   {r['mask_bytes_per_param']:.4f} "
               f"bytes/param = {r['mask_bits_per_param']:.4f} bits/param")
         if r["extra_bytes_per_param"]:
             print(f"{'frozen-complement copy (MaskedUpdate)':<{w}}{'':>20}   "
@@ -539,11 +562,14 @@ def _capped(value: int, cap: int | None) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20,
-                    help="timed steps per variant and measurement (50m: at most 8; its selection: 3)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (50m: at most 2)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per variant and measurement (default 20; 50m: 8; the 50m selection: "
+                         "at most 3)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps per variant first (default 3; 50m: 2)")
     ap.add_argument("--block", type=int, default=2, help="steps per block when alternating the variants")
-    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size = number of gloo processes")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel size (processes: TP x DP)")
     ap.add_argument("--sizes", default="debug,50m", help=f"comma-separated, of {sorted(SIZES)}")
     ap.add_argument("--rho", type=float, default=0.5, help="mask density (Stage-I top-k fraction)")
     ap.add_argument("--complement", default="decay", choices=["decay", "frozen"])
@@ -564,8 +590,11 @@ def main(argv=None) -> int:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:
         ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
-    if args.steps < 1 or args.warmup < 0 or args.block < 1 or args.tp < 1:
-        ap.error("--steps, --block and --tp must be >= 1, --warmup >= 0")
+    explicit = dict(steps=args.steps, warmup=args.warmup)
+    args.steps = 20 if args.steps is None else args.steps
+    args.warmup = 3 if args.warmup is None else args.warmup
+    if args.steps < 1 or args.warmup < 0 or args.block < 1 or args.tp < 1 or args.dp < 1:
+        ap.error("--steps, --block, --tp and --dp must be >= 1, --warmup >= 0")
     if args.inner_steps < 1 or args.inner_batch < 1 or args.interval < 1:
         ap.error("--inner-steps, --inner-batch and --interval must be >= 1")
     if args.adversarial:
@@ -576,15 +605,17 @@ def main(argv=None) -> int:
     results = []
     for name in sizes:
         caps = SIZES[name]["caps"]
-        steps, warmup = _capped(args.steps, caps["steps"]), _capped(args.warmup, caps["warmup"])
+        steps = explicit["steps"] or _capped(args.steps, caps["steps"])
+        warmup = explicit["warmup"]
+        warmup = _capped(args.warmup, caps["warmup"]) if warmup is None else warmup
         select = _capped(args.steps, caps["select"])
-        _log(f"{name}: spawning {args.tp} processes")
+        _log(f"{name}: spawning {args.tp * args.dp} processes")
         t0 = _now()
-        ranks = spawn(_worker, args.tp, name, [*SIZES[name]["overrides"], *args.overrides], args.tp, args.rho,
-                      args.complement,
-                      steps, warmup, args.block, select, _T0, timeout=3600.0)
+        ranks = spawn(_worker, args.tp * args.dp, name, [*SIZES[name]["overrides"], *args.overrides], args.tp,
+                      args.dp, args.rho, args.complement, steps, warmup, args.block, select, _T0,
+                      timeout=3 * 3600.0)
         _log(f"{name}: done in {_now() - t0:.0f} s")
-        results.append(summarize(name, ranks, steps, warmup))
+        results.append(summarize(name, ranks, steps, warmup, args.block))
     print_table(results, args)
     head = next((r for r in results if r["name"] == "debug"), results[0])
     for key in ("step_ratio", "mask_bits_per_param", "select_over_backward"):
