@@ -13,6 +13,15 @@ cells/hour per mode and the per-cell time ratio (fresh / shared) with a 95% t-in
 
 The ratio is the share of a cell spent loading the release and re-scoring it un-attacked: large when a
 cell trains for a few steps (the smoke suite), close to 1 when each cell's fine-tuning dominates.
+
+``--compare engines`` measures the two attack engines instead, on the same cells: ``hf`` (the runner, the
+release shared by its cells) and ``megatron`` (``attack/megatron_engine.py``, one process: a world of one,
+TP = PP = 1). The suite is run as written on ``hf`` and with ``engine: megatron`` on the other, keeping the
+adversaries that engine steps (full fine-tuning with AdamW or SGD: not LoRA, not Lion) and the non-adaptive
+attackers; a cell is the same (task, seed, adversary, attacker, release) on both. The output is cells/hour
+per engine and the per-cell CPU-time ratio megatron / hf with a 95% t-interval::
+
+    python tools/bench_attack.py --compare engines --cells 6
 """
 
 from __future__ import annotations
@@ -64,16 +73,87 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return i.estimate, i.low, i.high
 
 
+def _megatron_suite(suite_path: str, work: Path) -> str:
+    """The suite as ``engine: megatron`` runs it (what that engine refuses dropped), written in ``work``."""
+    import yaml
+
+    from pmp_megatron.attack.suite import ADAPTIVE_ATTACKERS, MEGATRON_OPTIMIZERS
+    from pmp_megatron.resources import recipe
+
+    data = yaml.safe_load(Path(recipe(suite_path)).read_text())
+    data["engine"] = "megatron"
+    data["adversaries"] = [a for a in data["adversaries"]
+                           if a.get("method", "full") == "full" and a.get("optimizer") in MEGATRON_OPTIMIZERS]
+    data["attackers"] = [a for a in data["attackers"] if a not in ADAPTIVE_ATTACKERS]
+    data["tasks"] = [t for t in data["tasks"] if t.get("kind") != "lm_eval"]
+    out = work / "megatron-suite.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
+
+
+def _cell_key(cell) -> tuple:
+    return cell.task.name, cell.seed, cell.adversary.label, cell.attacker, cell.role
+
+
+def compare_engines(args) -> dict:
+    """Per-cell (CPU, wall) time of the same cells on the hf and megatron engines, interleaved."""
+    from pmp_megatron.attack import megatron_engine, runner
+    from pmp_megatron.attack.run import prepare
+
+    work = Path(args.work)
+    pmp, dense, key = make_releases(work)
+    inputs = dict(dense_model=str(dense), mask=str(key), attackers=["unauthorized", "authorized"],
+                  device="cpu")
+    hf_cells, hf_ctx = prepare(args.suite, str(pmp), **inputs)
+    mg_cells, mg_ctx = prepare(_megatron_suite(args.suite, work), str(pmp), **inputs)
+    by_key = {_cell_key(c): c for c in hf_cells}
+    pairs = [(by_key[_cell_key(c)], c) for c in mg_cells
+             if c.task.name == args.task and c.seed == 0 and _cell_key(c) in by_key][: args.cells]
+    if len(pairs) < 2:
+        sys.exit(f"bench_attack: fewer than 2 cells of task {args.task!r} at seed 0 run on both engines")
+    megatron_engine._ENGINE.setup(mg_ctx.suite.megatron)
+    runner._REUSE = True
+    for role in dict.fromkeys(c.role for c, _ in pairs):  # each engine's one load per release, untimed
+        hf, mg = next((h, m) for h, m in pairs if h.role == role)
+        runner.run_cell(hf, hf_ctx)
+        megatron_engine.run_cell(mg, mg_ctx)
+    times = {"hf": [], "megatron": []}
+    for i, (hf, mg) in enumerate(pairs):
+        for engine in (("megatron", "hf") if i % 2 else ("hf", "megatron")):
+            c0, w0 = time.process_time(), time.perf_counter()
+            if engine == "hf":
+                record = runner.run_cell(hf, hf_ctx)
+            else:
+                record = megatron_engine.run_cell(mg, mg_ctx)
+            times[engine].append((time.process_time() - c0, time.perf_counter() - w0))
+            print(json.dumps({"cell": i, "engine": engine, "adversary": hf.adversary.label, "role": hf.role,
+                              "attacker": hf.attacker, "cpu_s": round(times[engine][-1][0], 4),
+                              "final_task_loss": record.get("task_loss_after")}), flush=True)
+    ratios = [m[0] / h[0] for h, m in zip(times["hf"], times["megatron"], strict=True)]
+    est, low, high = t_interval(ratios)
+    out = {engine: {"cells_per_cpu_hour": round(3600 * len(v) / sum(c for c, _ in v), 1),
+                    "cells_per_wall_hour": round(3600 * len(v) / sum(w for _, w in v), 1)}
+           for engine, v in times.items()}
+    out["cpu_time_ratio_megatron_over_hf"] = {"mean": round(est, 3), "ci95": [round(low, 3), round(high, 3)]
+                                              if math.isfinite(low) else None, "cells": len(ratios)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default=str(REPO / "configs" / "attacks" / "results-cpu.yaml"))
     ap.add_argument("--task", default="code_test")
     ap.add_argument("--cells", type=int, default=6, help="cells per mode (default 6)")
     ap.add_argument("--work", default="/tmp/bench_attack")
+    ap.add_argument("--compare", choices=("reuse", "engines"), default="reuse",
+                    help="reuse: a shared release vs a fresh load per cell (hf); engines: hf vs megatron")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if args.compare == "engines":
+        print(json.dumps(compare_engines(args), indent=2))
+        return 0
     from pmp_megatron.attack import runner
     from pmp_megatron.attack.run import prepare
 
