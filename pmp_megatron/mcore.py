@@ -225,6 +225,19 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     return tensor
 
 
+def all_gather_into(output: torch.Tensor, share: torch.Tensor, group=None) -> torch.Tensor:
+    """``output`` (1-D, ``world(group) x share.numel()`` entries) := every rank's ``share`` of ``group`` in
+    group-rank order; return ``output``. ``share`` must not overlap ``output``."""
+    dev = group_device(group)
+    if output.device == dev:
+        dist.all_gather_into_tensor(output, share.to(dev), group=group)
+        return output
+    moved = output.to(dev)
+    dist.all_gather_into_tensor(moved, share.to(dev), group=group)
+    output.copy_(moved)
+    return output
+
+
 def reduce_from_tp(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the tensor-parallel group with autograd (backward: the identity, as for a vocab-parallel
     loss that every TP rank computes from the summed value)."""

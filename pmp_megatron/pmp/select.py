@@ -28,7 +28,15 @@ copies (norms on TP rank > 0, a tied embedding's copy on the last PP stage) get 
 Padded rows (outside every block) are never counted nor selected: their mask is False.
 
 ``group`` holds ONE copy of the model (megatron's model-parallel group, TP x PP). DP replicas hold
-identical scores and compute identical masks independently; there is no DP communication.
+identical scores and compute identical masks. With ``split_group`` (the data-parallel group) they share the
+histogram work: each of its ranks counts a contiguous 1/DP part of every block, and the histograms are
+all-reduced over ``split_group`` too; without it each replica counts everything and there is no DP
+communication. Either way the masks are the same.
+
+Host syncs: one read of each pass's all-reduced histogram (the digit is chosen on the host). Counting
+never reads back: on CUDA digits are scatter-added into the histogram (``torch.bincount`` reads the
+largest digit back to size its output), entries outside the prefix go to an overflow bin instead of being
+compacted out by boolean indexing (which syncs on the count).
 
 Collectives per selection: 2 all-reduces of int64 histograms (32 K and 64 K bins; the first also
 carries ``N``), plus, only when the tie at ``T`` must be split, ``ceil(log2(N) / 16)`` all-reduces of
@@ -60,6 +68,7 @@ _VALUE_BITS = 31  # |float32| without the sign bit
 _VALUE_DIGITS = (15, 16)  # radix digits over the value bits, high digit first (sum = 31)
 _INDEX_DIGIT_BITS = 16  # radix digit width over the global index
 _ABS = 0x7FFFFFFF
+_COUNT_CHUNK = 1 << 24  # entries per counting op: bounds the transient digit tensors
 
 # group ranks -> (local layout key, (name -> offset), total): the layout at the last collective refresh.
 _LAYOUT_CACHE: dict[tuple, tuple] = {}
@@ -100,6 +109,32 @@ def _abs_bits(t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.float32:
         t = t.float()
     return t.view(torch.int32) & _ABS
+
+
+def _part(flat: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
+    """Part ``rank`` of ``size`` contiguous parts of a flat tensor."""
+    rank, size = part
+    n = flat.numel()
+    return flat[rank * n // size: (rank + 1) * n // size]
+
+
+def _add_digits(hist: torch.Tensor, view: torch.Tensor, shift: int, width: int, prefix: int | None,
+                part: tuple[int, int] = (0, 1)) -> None:
+    """``hist`` (``2**width + 1`` bins, the last one overflow) += the counts of digit
+    ``(x >> shift) & (2**width - 1)`` over this rank's ``part`` of ``view``, counting only the entries whose
+    higher bits ``x >> (shift + width)`` equal ``prefix`` (all when None). No host sync (module docstring)."""
+    bins = 1 << width
+    flat = _part(view.reshape(-1), part)
+    for lo in range(0, flat.numel(), _COUNT_CHUNK):
+        x = flat[lo: lo + _COUNT_CHUNK]
+        digit = (x >> shift) & (bins - 1)
+        if prefix is not None:
+            digit = torch.where((x >> (shift + width)) == prefix, digit, bins)
+        if digit.is_cuda:
+            digit = digit.long()
+            hist.scatter_add_(0, digit, torch.ones_like(digit))
+        else:
+            hist += torch.bincount(digit, minlength=bins + 1)
 
 
 def _blocks(info: ShardInfo, local: torch.Tensor):
@@ -178,40 +213,38 @@ def _device(entries) -> torch.device:
     return mcore.device()
 
 
-def _value_threshold(entries, rho, group, device):
+def _value_threshold(entries, rho, group, device, split_group=None):
     """Radix select over the value bits: (N, k, T bits, count(> T), count(== T), layout miss anywhere)."""
     counted = [(t, info) for t, info in entries.values() if info.counted]
     gkey = _group_key(group)
     cached = _LAYOUT_CACHE.get(gkey)
     miss = int(cached is None or cached[0] != _layout_key(entries))
+    part = _split(split_group)
     prefix = prefix_bits = above = 0
     n = k = remaining = 0
     eq = 0
     for p, width in enumerate(_VALUE_DIGITS):
         shift = _VALUE_BITS - prefix_bits - width
         bins = 1 << width
-        hist = torch.zeros(bins + (2 if p == 0 else 0), dtype=torch.int64, device=device)
+        # [bins] + overflow; the first pass also carries N and the layout miss
+        hist = torch.zeros(bins + 1 + (2 if p == 0 else 0), dtype=torch.int64, device=device)
         for t, info in counted:
-            bits = _abs_bits(t)
-            for view, _ in _blocks(info, bits):
-                if p:
-                    view = view[(view >> (shift + width)) == prefix]
-                    digit = (view >> shift) & (bins - 1)
-                else:
-                    digit = (view >> shift).reshape(-1)
-                hist[:bins] += torch.bincount(digit, minlength=bins)
+            for view, _ in _blocks(info, _abs_bits(t)):
+                _add_digits(hist[:bins + 1], view, shift, width, prefix if p else None, part)
         if p == 0:
-            hist[bins] = sum(info.numel() for _, info in counted)
-            hist[bins + 1] = miss
+            hist[bins + 1] = sum(info.numel() for _, info in counted) if part[0] == 0 else 0
+            hist[bins + 2] = miss
         _all_reduce(hist, group)
+        _all_reduce(hist, split_group)
+        h = hist.cpu()  # this pass's one host read
         if p == 0:
-            n = int(hist[bins])
-            miss = int(hist[bins + 1])
+            n = int(h[bins + 1])
+            miss = int(h[bins + 2])
             k = math.floor(rho * n)
             remaining = k
             if k == 0:
                 return n, 0, None, 0, 0, miss
-        h = hist[:bins]
+        h = h[:bins]
         at_least = h.flip(0).cumsum(0).flip(0)  # count(digit >= d) among candidates
         digit = int((at_least >= remaining).nonzero()[-1])
         eq = int(h[digit])
@@ -221,6 +254,13 @@ def _value_threshold(entries, rho, group, device):
         prefix = (prefix << width) | digit
         prefix_bits += width
     return n, k, prefix, above, eq, miss
+
+
+def _split(split_group) -> tuple[int, int]:
+    """(this rank's part, number of parts) of the histogram work (``split_group``: module docstring)."""
+    if split_group is None or dist.get_world_size(split_group) == 1:
+        return 0, 1
+    return dist.get_rank(split_group), dist.get_world_size(split_group)
 
 
 def _tied_indices(entries, threshold: int, offsets):
@@ -248,12 +288,10 @@ def _index_cut(entries, threshold: int, need: int, offsets, total: int, group, d
     for width in widths:
         shift = nbits - prefix_bits - width
         bins = 1 << width
-        if prefix_bits:
-            cands = [c[(c >> (shift + width)) == prefix] for c in cands]
-        hist = torch.zeros(bins, dtype=torch.int64, device=device)
+        hist = torch.zeros(bins + 1, dtype=torch.int64, device=device)
         for c in cands:
-            hist += torch.bincount((c >> shift) & (bins - 1), minlength=bins)
-        _all_reduce(hist, group)
+            _add_digits(hist, c, shift, width, prefix if prefix_bits else None)
+        hist = _all_reduce(hist, group).cpu()[:bins]
         cum = hist.cumsum(0)  # count(digit <= d)
         digit = int((cum >= remaining).nonzero()[0])
         remaining -= int(cum[digit]) - int(hist[digit])
@@ -263,19 +301,21 @@ def _index_cut(entries, threshold: int, need: int, offsets, total: int, group, d
 
 
 def global_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, group=None,
-                      ) -> tuple[dict[str, torch.Tensor], SelectionStats]:
+                      split_group=None) -> tuple[dict[str, torch.Tensor], SelectionStats]:
     """Bool masks (True = kept) of the global exact top-``floor(rho * N)`` of ``|score|``.
 
     ``entries``: canonical name -> (local score tensor of the local shard's shape, ShardInfo).
     ``group``: the ranks holding one copy of the model (see ``default_group``). Collective over
-    ``group``: every rank must call it with its own shards. Returns masks of the local shapes (padded
-    rows False) and the selection's statistics. See the module docstring for the tie rule.
+    ``group``: every rank must call it with its own shards. ``split_group``: the ranks holding replicas of
+    these shards with the same scores (the data-parallel group), to share the counting (module
+    docstring). Returns masks of the local shapes (padded rows False) and the selection's statistics.
+    See the module docstring for the tie rule.
     """
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     group = default_group(group)
     device = _device(entries)
-    n, k, threshold, above, eq, miss = _value_threshold(entries, rho, group, device)
+    n, k, threshold, above, eq, miss = _value_threshold(entries, rho, group, device, split_group)
     masks = {name: torch.zeros(t.shape, dtype=torch.bool, device=t.device)
              for name, (t, _) in entries.items()}
     if k == 0:
@@ -339,7 +379,7 @@ def _row_select(hist: torch.Tensor, remaining: torch.Tensor, from_top: bool) -> 
     return (cum < remaining[:, None]).sum(1).clamp(max=hist.shape[1] - 1)
 
 
-def _tensor_thresholds(counted, ks: torch.Tensor, group, device):
+def _tensor_thresholds(counted, ks: torch.Tensor, group, device, split_group=None):
     """Radix select over the value bits, one histogram row per tensor: per row the threshold bits T,
     count(> T) and count(== T). ``counted``: (local tensor, ShardInfo, row) of the counted shards."""
     num_rows = ks.numel()
@@ -349,13 +389,13 @@ def _tensor_thresholds(counted, ks: torch.Tensor, group, device):
     for width in _TENSOR_VALUE_DIGITS:
         shift = _VALUE_BITS - prefix_bits - width
         bins = 1 << width
-        hist = torch.zeros(num_rows, bins, dtype=torch.int64, device=device)
+        hist = torch.zeros(num_rows, bins + 1, dtype=torch.int64, device=device)
         for t, info, row in counted:
             for view, _ in _blocks(info, _abs_bits(t)):
-                if prefix_bits:
-                    view = view[(view >> (shift + width)) == int(prefix[row])]
-                hist[row] += torch.bincount(((view >> shift) & (bins - 1)).reshape(-1), minlength=bins)
-        h = _all_reduce(hist, group).cpu()
+                _add_digits(hist[row], view, shift, width, int(prefix[row]) if prefix_bits else None,
+                            _split(split_group))
+        _all_reduce(hist, group)
+        h = _all_reduce(hist, split_group).cpu()[:, :bins]
         digit = _row_select(h, remaining, from_top=True)
         eq = h.gather(1, digit[:, None]).squeeze(1)
         at_least = h.flip(1).cumsum(1).flip(1).gather(1, digit[:, None]).squeeze(1)
@@ -376,12 +416,10 @@ def _tensor_index_cuts(tied, need: torch.Tensor, nbits: int, group, device) -> t
     for width in widths:
         shift = nbits - prefix_bits - width
         bins = 1 << width
-        if prefix_bits:
-            tied = [(row, c[(c >> (shift + width)) == int(prefix[row])]) for row, c in tied]
-        hist = torch.zeros(need.numel(), bins, dtype=torch.int64, device=device)
+        hist = torch.zeros(need.numel(), bins + 1, dtype=torch.int64, device=device)
         for row, c in tied:
-            hist[row] += torch.bincount((c >> shift) & (bins - 1), minlength=bins)
-        h = _all_reduce(hist, group).cpu()
+            _add_digits(hist[row], c, shift, width, int(prefix[row]) if prefix_bits else None)
+        h = _all_reduce(hist, group).cpu()[:, :bins]
         digit = _row_select(h, remaining, from_top=False)
         remaining -= h.cumsum(1).gather(1, digit[:, None]).squeeze(1) - h.gather(1, digit[:, None]).squeeze(1)
         prefix = (prefix << width) | digit
@@ -390,7 +428,7 @@ def _tensor_index_cuts(tied, need: torch.Tensor, nbits: int, group, device) -> t
 
 
 def per_tensor_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, group=None,
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, SelectionStats]]:
+                          split_group=None) -> tuple[dict[str, torch.Tensor], dict[str, SelectionStats]]:
     """Bool masks keeping exactly ``floor(rho * n)`` entries of largest ``|score|`` in EACH parameter
     tensor (``n``: its real entries, replicated copies counted once), ties kept in order of the index
     inside the global tensor -- the tie rule of ``global_topk_masks`` applied to one tensor at a time.
@@ -413,7 +451,7 @@ def per_tensor_topk_masks(entries: dict[str, tuple[torch.Tensor, ShardInfo]], rh
     rows = {name: i for i, name in enumerate(names)}
     ks = torch.tensor([math.floor(rho * n) for n in sizes], dtype=torch.int64)
     counted = [(t, info, rows[info.name]) for t, info in entries.values() if info.counted]
-    prefix, above, eq = _tensor_thresholds(counted, ks, group, device)
+    prefix, above, eq = _tensor_thresholds(counted, ks, group, device, split_group)
     need = ks - above
     split = [i for i in range(len(names)) if 0 < ks[i] and need[i] < eq[i]]
     cuts: dict[int, int] = {}

@@ -10,8 +10,12 @@ k = floor(rho * #params); ranking before clipping gives the mask of the unclippe
 Stop when IoU(mask_t, mask_t-1) >= ``iou_threshold`` for ``patience`` consecutive steps, or after
 ``max_steps``; the last mask is the result.
 
-Stage I always reduces gradients with a plain all-reduce (no distributed optimizer): the ranking needs
-every rank's full reduced gradients. Stage II then REWINDS: the model is rebuilt from W0 (bit for bit,
+The ranking needs every rank's full reduced gradients: with the distributed optimizer (its sharded state
+saves Stage I's optimizer memory too) the reduce-scattered buffers are completed by an all-gather of each
+bucket's shares before the ranking (``train.step.gather_reduced_grads``: the two halves of an all-reduce;
+the same gradients, so the same masks and weights as without it). The data-parallel replicas share the
+selection's counting (each counts a 1/DP part of every score tensor; ``pmp.select``'s ``split_group``)
+and compute the same masks. Stage II then REWINDS: the model is rebuilt from W0 (bit for bit,
 see ``model.init``) with a fresh optimizer, and the masks are attached to it.
 
 Stage I is preemptible: each step ends with ``signals.stop_agreed()``, as in Stage II. Given a checkpoint
@@ -74,7 +78,7 @@ from pmp_megatron.pmp.select import global_topk_masks, iou, per_tensor_topk_mask
 from pmp_megatron.train import checkpoint, signals
 from pmp_megatron.train.optimizer import build_optimizer
 from pmp_megatron.train.resume import Start, load_with_fallback
-from pmp_megatron.train.step import train_step, wrap_ddp
+from pmp_megatron.train.step import gather_reduced_grads, train_step, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +112,9 @@ def tensor_type(name: str) -> str:
 
 
 def stage1_config(cfg: Config) -> Config:
-    """The config Stage I builds its model and optimizer from: no distributed optimizer (the ranking
-    needs every rank's full reduced gradients) and the Stage-I AdamW betas."""
+    """The config Stage I builds its model and optimizer from: the parameter all-gather not overlapped
+    with the next forward (the ranking reads the gradients in between) and the Stage-I AdamW betas."""
     out = copy.deepcopy(cfg)
-    out.parallel.use_distributed_optimizer = False
     out.parallel.overlap_param_gather = False
     d = cfg.pmp.discovery
     if d.adam_beta1 is not None:
@@ -147,13 +150,16 @@ def _update_score(score: torch.Tensor, grad: torch.Tensor, d: DiscoveryConfig) -
 
 def select_masks(scores: dict[str, tuple[torch.Tensor, ShardInfo]], rho: float, d: DiscoveryConfig):
     """The Stage-I masks of one step's scores under ``d.quota`` and ``d.embedding`` (collective over
-    the model-parallel group); returns (masks, threshold: the smallest kept score of any ranked tensor)."""
+    the model-parallel and the data-parallel group); returns (masks, threshold: the smallest kept score
+    of any ranked tensor)."""
     ranked = {n: e for n, e in scores.items() if not (d.embedding == "trainable" and n == EMBEDDING)}
+    # the data-parallel replicas hold the same scores: they share the counting (pmp/select.py)
+    split = mcore.dp_group() if mcore.model_parallel_is_initialized() and mcore.dp_size() > 1 else None
     if d.quota == "per_tensor":
-        masks, stats = per_tensor_topk_masks(ranked, rho)
+        masks, stats = per_tensor_topk_masks(ranked, rho, split_group=split)
         threshold = min((s.threshold for s in stats.values()), default=float("inf"))
     else:
-        masks, stats = global_topk_masks(ranked, rho)
+        masks, stats = global_topk_masks(ranked, rho, split_group=split)
         threshold = stats.threshold
     for name in scores.keys() - ranked.keys():
         t, info = scores[name]
@@ -230,6 +236,7 @@ def discover(cfg: Config, microbatches: Callable[[int], list[dict]], root: Path 
 
     def rank_grads():
         """After the backward, before the optimizer step: the mask of this step's score."""
+        gather_reduced_grads(optimizer)
         if running:
             for param, _ in entries.values():
                 _update_score(param.pmp_score, param.main_grad, d)

@@ -46,6 +46,24 @@ def wrap_ddp(chunks, cfg: Config) -> list:
     return model
 
 
+@torch.no_grad()
+def gather_reduced_grads(optimizer) -> None:
+    """Under the distributed optimizer: complete every gradient buffer after the reduce-scatter, so each
+    rank holds all of the DP-reduced ``main_grad`` (as a plain all-reduce leaves it): each bucket's shares
+    all-gathered over its data-parallel group. Nothing without the distributed optimizer. Stage I ranks
+    the full gradients; the optimizer still reads only this rank's share."""
+    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for buf in getattr(leaf, "buffers", []):
+            size = buf.data_parallel_world_size
+            if size == 1:
+                continue
+            rank = buf.data_parallel_group.rank()
+            for bucket in buf.buckets:
+                shard = bucket.grad_data.numel() // size
+                mine = bucket.grad_data[rank * shard: (rank + 1) * shard].clone()
+                mcore.all_gather_into(bucket.grad_data, mine, group=buf.data_parallel_group)
+
+
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     """Sum of token losses over the microbatch; the schedule divides by the token count."""
     losses = output.float().view(-1)

@@ -190,7 +190,7 @@ def _set_digits(digits):
     select._VALUE_DIGITS, select._INDEX_DIGIT_BITS = digits or ((15, 16), 16)
 
 
-def _select_cases(tp, pp, tied, tp_r, pp_r, group, drop_on_stage=None):
+def _select_cases(tp, pp, tied, tp_r, pp_r, group, drop_on_stage=None, split_group=None):
     from pmp_megatron.pmp.select import global_topk_masks, iou
 
     cases = []
@@ -202,7 +202,7 @@ def _select_cases(tp, pp, tied, tp_r, pp_r, group, drop_on_stage=None):
             case = {"key": (digits, seed), "full": full, "masks": {}, "stats": {},
                     "infos": {n: info for n, (_, info) in entries.items()}}
             for rho in RHOS:
-                case["masks"][rho], case["stats"][rho] = global_topk_masks(entries, rho, group)
+                case["masks"][rho], case["stats"][rho] = global_topk_masks(entries, rho, group, split_group)
             case["iou"] = iou(case["masks"][0.5], case["masks"][0.9], entries, group)
             cases.append(case)
     _set_digits(None)
@@ -241,12 +241,28 @@ def _megatron_dp(tp, dp):
     return cases
 
 
+def _megatron_dp_split(tp, dp):
+    """TP x DP with megatron's groups, the DP replicas sharing the counting (``split_group``); the
+    per-tensor quota's masks and statistics with and without the split ride along as ``per_tensor``."""
+    from pmp_megatron import mcore
+    from pmp_megatron.pmp.select import per_tensor_topk_masks
+
+    mcore.setup_parallel(tp, 1)
+    cases = _select_cases(tp, 1, False, mcore.tp_rank(), 0, None, split_group=mcore.dp_group())
+    entries = local_entries(make_scores(3, False), tp, mcore.tp_rank(), 1, 0, False)
+    split = per_tensor_topk_masks(entries, 0.5, split_group=mcore.dp_group())
+    whole = per_tensor_topk_masks(entries, 0.5)
+    cases[0]["per_tensor"] = (split, whole)
+    return cases
+
+
 LAYOUTS = {  # name -> (function, args, world size)
     "tp2": (_plain, (2, 1, 1, False), 2),
     "pp2": (_plain, (1, 2, 1, False), 2),
     "tp2_pp2": (_plain, (2, 2, 1, False), 4),
     "dp2_explicit_groups": (_plain, (1, 1, 2, False), 2),
     "dp2_megatron_groups": (_megatron_dp, (1, 2), 2),
+    "tp2_dp2_split_counting": (_megatron_dp_split, (2, 2), 4),
     "tied_pp2": (_plain, (1, 2, 1, True), 2),
     "tied_tp2_pp2": (_plain, (2, 2, 1, True), 4),
 }
@@ -257,7 +273,14 @@ LAYOUTS = {  # name -> (function, args, world size)
 def test_distributed_selection_equals_reference(layout):
     fn, args, world = LAYOUTS[layout]
     results = spawn(fn, world, *args)
-    if layout.startswith("dp2"):  # each replica is a whole model: check each on its own
+    if layout == "tp2_dp2_split_counting":  # ranks 0-1: replica 0's TP shards; 2-3: replica 1's
+        check(results[:2], layout)
+        check(results[2:], layout)
+        for r in results:
+            (split_masks, split_stats), (whole_masks, whole_stats) = r[0]["per_tensor"]
+            assert split_stats == whole_stats
+            assert all(torch.equal(m, whole_masks[n]) for n, m in split_masks.items())
+    elif layout.startswith("dp2"):  # each replica is a whole model: check each on its own
         for r in results:
             check([r], layout)
         for a, b in zip(results[0], results[1], strict=True):
