@@ -15,7 +15,7 @@ Masking (``apply``) multiplies one range of each buffer by the unpacked bits:
 
 The product is the one ``param.main_grad.mul_(mask)`` gave per parameter, bit for bit (x * 1 and x * 0 in
 the gradient's dtype). On CUDA each range is one compiled kernel (unpack and multiply fused by
-``torch.compile``); on the CPU it is a few eager ops per range.
+``torch.compile``); on the CPU a few eager ops per cache-sized chunk of the range.
 """
 
 from __future__ import annotations
@@ -32,9 +32,18 @@ logger = logging.getLogger(__name__)
 _WINDOW = 1 << 24  # buffer entries packed per pass when binding (multiple of 8)
 
 
+_CPU_CHUNK = 1 << 18  # entries per unpack-and-multiply on the CPU: the unpacked bits stay in cache
+
+
 def _masked_mul(grad: torch.Tensor, packed: torch.Tensor, start: int) -> None:
-    """``grad *= bits [start, start + grad.numel())`` of ``packed``."""
-    grad.mul_(bitmask.unpack_bits(packed, start, grad.numel()))
+    """``grad *= bits [start, start + grad.numel())`` of ``packed``. On the CPU in chunks: one pass over a
+    buffer-sized uint8 temporary costs as much again as the multiply (measured 2x at 25M entries)."""
+    if grad.is_cuda:
+        grad.mul_(bitmask.unpack_bits(packed, start, grad.numel()))
+        return
+    for lo in range(0, grad.numel(), _CPU_CHUNK):
+        hi = min(grad.numel(), lo + _CPU_CHUNK)
+        grad[lo:hi].mul_(bitmask.unpack_bits(packed, start + lo, hi - lo))
 
 
 _FUSED = None

@@ -151,7 +151,10 @@ class MaskedUpdate:
         self._stats: dict[str, torch.Tensor] = {}
         leaves = [opt for opt in _leaf_optimizers(optimizer) if opt.param_groups]
         assert len(leaves) == 1, f"one megatron optimizer steps the parameters, not {len(leaves)}"
-        self._hook = leaves[0].optimizer.register_step_post_hook(lambda *_: self._in_step())
+        stepper = leaves[0].optimizer  # the torch optimizer megatron steps the main params with
+        if getattr(stepper, "_pmp_policy_hook", None) is not None:  # a rule built before on it
+            stepper._pmp_policy_hook.remove()  # only the newest rule applies its policy
+        self._hook = stepper._pmp_policy_hook = stepper.register_step_post_hook(lambda *_: self._in_step())
 
         def finalize_then_mask(*args, **kwargs):
             out = inner(*args, **kwargs)

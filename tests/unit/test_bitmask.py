@@ -48,3 +48,15 @@ def test_masking_by_the_unpacked_bits_is_the_bool_product_bit_for_bit():
     out = grad.clone().mul_(bitmask.unpack_bits(packed, 5, 1001))
     ref = grad.clone().mul_(mask)
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # signs of zeros included
+
+
+def test_the_gradient_mask_multiplies_across_cpu_chunks_from_an_unaligned_start():
+    from pmp_megatron.pmp import grad_mask
+
+    gen = torch.Generator().manual_seed(2)
+    n = 2 * grad_mask._CPU_CHUNK + 12345  # three chunks, the last partial
+    mask = torch.rand(n + 3, generator=gen) < 0.5
+    grad = torch.randn(n, generator=gen)
+    out = grad.clone()
+    grad_mask._masked_mul(out, bitmask.pack(mask), 3)
+    assert torch.equal(out.view(torch.int32), grad.mul(mask[3:]).view(torch.int32))
