@@ -145,6 +145,30 @@ def _mask_storage_bytes(skip=()) -> int:
     return sum(sizes.values())
 
 
+def _optimizer_state(optimizer, model_params) -> dict:
+    """What the optimizer holds beyond the model's parameters, measured after it has stepped: bytes of its
+    state tensors (Adam's moments) and of the tensors it steps that are not the model's parameters (fp32
+    main copies or shares), each storage once; and how many of the second-moment entries are exactly zero
+    (PMP's complement: never a nonzero gradient, so no information a compacted state would need)."""
+    import torch
+
+    own = {p.untyped_storage().data_ptr() for p in model_params}
+    storages, zero, total = {}, 0, 0
+    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = leaf.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.untyped_storage().data_ptr() not in own:
+                    storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+                for key, t in inner.state.get(p, {}).items():
+                    if isinstance(t, torch.Tensor) and t.numel() > 1:
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                        if key == "exp_avg_sq":
+                            zero += int((t == 0).sum())
+                            total += t.numel()
+    return dict(bytes=sum(storages.values()), zero_second_moments=zero, second_moments=total)
+
+
 def _interleave(run_block, steps: int, warmup: int, block: int,
                 variants: tuple[str, str] = VARIANTS) -> dict[str, list[tuple[float, float]]]:
     """Per-step (wall, CPU) times of both variants: ``warmup`` untimed steps each, then alternating
@@ -178,7 +202,7 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     from pmp_megatron.pmp import masks as pmp_masks
     from pmp_megatron.pmp.select import global_topk_masks
     from pmp_megatron.testing import debug_config, init_debug_parallel, synthetic_batches
-    from pmp_megatron.train.step import forward_backward, train_step, zero_grads
+    from pmp_megatron.train.step import forward_backward, gather_reduced_grads, train_step, zero_grads
     from pmp_megatron.train.trainer import Trainer
 
     world = tp * dp
@@ -221,8 +245,10 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
         mcore.barrier()
         t0 = _now()
         forward_backward(dense.model, batches, cfg_dense)
+        gather_reduced_grads(dense.optimizer)  # under the distributed optimizer, as Stage I does
         t1 = _now()
-        masks, _ = global_topk_masks({n: (p.main_grad, inf) for n, (p, inf) in infos.items()}, rho)
+        masks, _ = global_topk_masks({n: (p.main_grad, inf) for n, (p, inf) in infos.items()}, rho,
+                                     split_group=mcore.dp_group() if mcore.dp_size() > 1 else None)
         t2 = _now()
         if i >= warmup:
             fb_t.append(t1 - t0)
@@ -310,12 +336,14 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
             state.optimizer.step()
         opt_ops[variant] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     log("measurements done")
+    optimizer_state = {v: _optimizer_state(state.optimizer, [p for c in state.model for p in c.parameters()])
+                       for v, state in states.items()}
 
     return dict(params=n_params, num_micro=num_micro, mbs=mbs, seq=cfg_dense.model.seq_length,
                 flops=megatron_flops(cfg_dense, cfg_dense.train.global_batch_size), world=world,
                 device=str(mcore.device()),
                 density=density, select=sel_t, fwd_bwd=fb_t, stage2=stage2, trainer=trainer, hooks=hooks,
-                parts=parts, opt_ops=opt_ops,
+                parts=parts, opt_ops=opt_ops, optimizer_state=optimizer_state,
                 **storage)
 
 
@@ -447,6 +475,12 @@ def summarize(name: str, ranks: list[dict], steps: int, warmup: int, block: int)
     out["mask_bytes_per_param"] = sum(r["mask_bytes"] for r in ranks) / local_params
     out["mask_bits_per_param"] = 8 * out["mask_bytes_per_param"]
     out["extra_bytes_per_param"] = sum(r["extra_bytes"] for r in ranks) / local_params
+    for v in VARIANTS:
+        state_bytes = sum(r["optimizer_state"][v]["bytes"] for r in ranks)
+        out[f"optimizer_bytes_per_param_{v}"] = state_bytes / local_params
+    moments = sum(r["optimizer_state"]["pmp"]["second_moments"] for r in ranks)
+    out["pmp_zero_second_moment_fraction"] = (
+        sum(r["optimizer_state"]["pmp"]["zero_second_moments"] for r in ranks) / moments if moments else 0.0)
     for kind in ("stage2", "trainer"):
         for v in VARIANTS:
             for i, clock in enumerate(("wall", "cpu")):
@@ -535,6 +569,9 @@ def print_table(results: list[dict], args) -> None:
               f"   / forward+backward {fb:.2f} ms = {r['select_over_backward']:.4f}")
         print(f"{'mask storage (live bool/uint8 tensors)':<{w}}{'':>20}   {r['mask_bytes_per_param']:.4f} "
               f"bytes/param = {r['mask_bits_per_param']:.4f} bits/param")
+        print(f"{'optimizer state (moments + main copies)':<{w}}"
+              f"{r['optimizer_bytes_per_param_dense']:>10.2f}{r['optimizer_bytes_per_param_pmp']:>10.2f}"
+              f"   bytes/param; PMP second moments exactly zero: {r['pmp_zero_second_moment_fraction']:.4f}")
         if r["extra_bytes_per_param"]:
             print(f"{'frozen-complement copy (MaskedUpdate)':<{w}}{'':>20}   "
                   f"{r['extra_bytes_per_param']:.4f} bytes/param")
