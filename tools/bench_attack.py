@@ -73,6 +73,19 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return i.estimate, i.low, i.high
 
 
+def summarize(times: dict[str, list[tuple[float, float]]], num: str, den: str) -> dict:
+    """Cells/hour per mode from per-cell (CPU, wall) times, and the per-cell CPU-time ratio ``num / den``
+    (cells paired by position) with its 95% t-interval."""
+    ratios = [n[0] / d[0] for n, d in zip(times[num], times[den], strict=True)]
+    est, low, high = t_interval(ratios)
+    out = {mode: {"cells_per_cpu_hour": round(3600 * len(v) / sum(c for c, _ in v), 1),
+                  "cells_per_wall_hour": round(3600 * len(v) / sum(w for _, w in v), 1)}
+           for mode, v in times.items()}
+    out[f"cpu_time_ratio_{num}_over_{den}"] = {"mean": round(est, 3), "ci95": [round(low, 3), round(high, 3)]
+                                               if math.isfinite(low) else None, "cells": len(ratios)}
+    return out
+
+
 def _megatron_suite(suite_path: str, work: Path) -> str:
     """The suite as ``engine: megatron`` runs it (what that engine refuses dropped), written in ``work``."""
     import yaml
@@ -129,14 +142,7 @@ def compare_engines(args) -> dict:
             print(json.dumps({"cell": i, "engine": engine, "adversary": hf.adversary.label, "role": hf.role,
                               "attacker": hf.attacker, "cpu_s": round(times[engine][-1][0], 4),
                               "final_task_loss": record.get("task_loss_after")}), flush=True)
-    ratios = [m[0] / h[0] for h, m in zip(times["hf"], times["megatron"], strict=True)]
-    est, low, high = t_interval(ratios)
-    out = {engine: {"cells_per_cpu_hour": round(3600 * len(v) / sum(c for c, _ in v), 1),
-                    "cells_per_wall_hour": round(3600 * len(v) / sum(w for _, w in v), 1)}
-           for engine, v in times.items()}
-    out["cpu_time_ratio_megatron_over_hf"] = {"mean": round(est, 3), "ci95": [round(low, 3), round(high, 3)]
-                                              if math.isfinite(low) else None, "cells": len(ratios)}
-    return out
+    return summarize(times, "megatron", "hf")
 
 
 def main(argv=None) -> int:
@@ -176,14 +182,7 @@ def main(argv=None) -> int:
             times[mode].append((time.process_time() - c0, time.perf_counter() - w0))
             print(json.dumps({"cell": i, "mode": mode, "adversary": cell.adversary.label, "role": cell.role,
                               "attacker": cell.attacker, "cpu_s": round(times[mode][-1][0], 4)}), flush=True)
-    ratios = [f[0] / s[0] for f, s in zip(times["fresh"], times["shared"], strict=True)]
-    est, low, high = t_interval(ratios)
-    out = {mode: {"cells_per_cpu_hour": round(3600 * len(v) / sum(c for c, _ in v), 1),
-                  "cells_per_wall_hour": round(3600 * len(v) / sum(w for _, w in v), 1)}
-           for mode, v in times.items()}
-    out["cpu_time_ratio_fresh_over_shared"] = {"mean": round(est, 3), "ci95": [round(low, 3), round(high, 3)]
-                                               if math.isfinite(low) else None, "cells": len(ratios)}
-    print(json.dumps(out, indent=2))
+    print(json.dumps(summarize(times, "fresh", "shared"), indent=2))
     return 0
 
 

@@ -39,19 +39,24 @@ def test_bench_pmp_last_line(layout):
     assert "Trainer.train" in proc.stdout and "mask_grads" in proc.stdout
 
 
-def test_bench_attack_reports_both_modes_and_the_ratio_of_its_own_times(tmp_path):
-    """tools/bench_attack.py on 2 smoke-suite cells: every timed cell is printed, and the summary's
-    cells/hour and fresh/shared ratio are those of the printed per-cell times (not constants)."""
+def _bench_attack(tmp_path, *extra) -> tuple[list[dict], dict]:
+    """tools/bench_attack.py on 2 cells of the smoke suite's copy task: its per-cell lines and summary."""
     import json
 
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_attack.py"), "--suite",
+        [sys.executable, str(REPO / "tools" / "bench_attack.py"), *extra, "--suite",
          str(REPO / "configs" / "attacks" / "smoke.yaml"), "--task", "copy", "--cells", "2",
          "--work", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     cells = [json.loads(line) for line in out.splitlines() if line.startswith('{"cell"')]
-    summary = json.loads(out[out.index("{\n"):])
+    return cells, json.loads(out[out.index("{\n"):])
+
+
+def test_bench_attack_reports_both_modes_and_the_ratio_of_its_own_times(tmp_path):
+    """tools/bench_attack.py on 2 smoke-suite cells: every timed cell is printed, and the summary's
+    cells/hour and fresh/shared ratio are those of the printed per-cell times (not constants)."""
+    cells, summary = _bench_attack(tmp_path)
     assert sorted((c["cell"], c["mode"]) for c in cells) == [(0, "fresh"), (0, "shared"), (1, "fresh"),
                                                              (1, "shared")]
     cpu = {m: [c["cpu_s"] for c in sorted(cells, key=lambda c: c["cell"]) if c["mode"] == m]
@@ -67,16 +72,7 @@ def test_bench_attack_compares_the_engines_on_the_same_cells(tmp_path):
     """tools/bench_attack.py --compare engines on 2 smoke-suite cells: each cell runs on both engines (the
     LoRA adversary, which megatron does not run, is not among them), both engines train it to the same
     task loss (the same cell, not merely the same name), and the summary is that of the printed times."""
-    import json
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_attack.py"), "--compare", "engines", "--suite",
-         str(REPO / "configs" / "attacks" / "smoke.yaml"), "--task", "copy", "--cells", "2",
-         "--work", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
-    cells = [json.loads(line) for line in out.splitlines() if line.startswith('{"cell"')]
-    summary = json.loads(out[out.index("{\n"):])
+    cells, summary = _bench_attack(tmp_path, "--compare", "engines")
     assert sorted((c["cell"], c["engine"]) for c in cells) == [(0, "hf"), (0, "megatron"), (1, "hf"),
                                                                (1, "megatron")]
     assert all("lora" not in c["adversary"] for c in cells)
