@@ -64,18 +64,23 @@ def _buffer_of(param) -> tuple[torch.Tensor, int]:
     return base, grad.storage_offset() - base.storage_offset()
 
 
-def _shares(optimizer) -> dict[int, list[tuple[int, int]]]:
-    """Under the distributed optimizer: data_ptr of each gradient buffer -> this rank's (lo, hi) share of
-    each of its buckets; {} otherwise."""
-    out: dict[int, list[tuple[int, int]]] = {}
+def bucket_shares(optimizer):
+    """Under the distributed optimizer, for each bucket of each gradient buffer it steps: (the buffer, the
+    bucket, this rank's (lo, hi) share of the bucket in the buffer's entries), as megatron's
+    ``DistributedOptimizer._build_model_gbuf_range`` cuts it. Nothing without the distributed optimizer."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         for buf in getattr(opt, "buffers", []):
             rank, size = buf.data_parallel_group.rank(), buf.data_parallel_world_size
-            ranges = []
             for bucket in buf.buckets:
                 share = bucket.grad_data.numel() // size
-                ranges.append((bucket.offset + rank * share, bucket.offset + (rank + 1) * share))
-            out[buf.grad_data.data_ptr()] = ranges
+                yield buf, bucket, (bucket.offset + rank * share, bucket.offset + (rank + 1) * share)
+
+
+def _shares(optimizer) -> dict[int, list[tuple[int, int]]]:
+    """data_ptr of each gradient buffer -> this rank's (lo, hi) share of each of its buckets."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for buf, _, span in bucket_shares(optimizer):
+        out.setdefault(buf.grad_data.data_ptr(), []).append(span)
     return out
 
 

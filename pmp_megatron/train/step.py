@@ -16,6 +16,7 @@ import torch
 
 from pmp_megatron import mcore
 from pmp_megatron.config import Config
+from pmp_megatron.pmp.grad_mask import bucket_shares
 
 
 def wrap_ddp(chunks, cfg: Config) -> list:
@@ -52,17 +53,10 @@ def gather_reduced_grads(optimizer) -> None:
     rank holds all of the DP-reduced ``main_grad`` (as a plain all-reduce leaves it): each bucket's shares
     all-gathered over its data-parallel group. Nothing without the distributed optimizer. Stage I ranks
     the full gradients; the optimizer still reads only this rank's share."""
-    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for buf in getattr(leaf, "buffers", []):
-            size = buf.data_parallel_world_size
-            if size == 1:
-                continue
-            rank = buf.data_parallel_group.rank()
-            for bucket in buf.buckets:
-                shard = bucket.grad_data.numel() // size
-                mine = bucket.grad_data[rank * shard: (rank + 1) * shard].clone()
-                mcore.all_gather_into(bucket.grad_data, mine, group=buf.data_parallel_group)
-
+    for buf, bucket, (lo, hi) in bucket_shares(optimizer):
+        if buf.data_parallel_world_size > 1:
+            mine = buf.grad_data[lo:hi].clone()
+            mcore.all_gather_into(bucket.grad_data, mine, group=buf.data_parallel_group)
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     """Sum of token losses over the microbatch; the schedule divides by the token count."""
