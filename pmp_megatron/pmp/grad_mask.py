@@ -15,7 +15,8 @@ Masking (``apply``) multiplies one range of each buffer by the unpacked bits:
 
 The product is the one ``param.main_grad.mul_(mask)`` gave per parameter, bit for bit (x * 1 and x * 0 in
 the gradient's dtype). On CUDA each range is one compiled kernel (unpack and multiply fused by
-``torch.compile``); on the CPU a few eager ops per cache-sized chunk of the range.
+``torch.compile``); on the CPU one pass of a small C kernel (``pmp/native.py``), or where it cannot be
+built a few eager ops per cache-sized chunk of the range.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 
 import torch
 
-from pmp_megatron.pmp import bitmask
+from pmp_megatron.pmp import bitmask, native
 from pmp_megatron.pmp.bitmask import BitMask
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,13 @@ _CPU_CHUNK = 1 << 18  # entries per unpack-and-multiply on the CPU: the unpacked
 
 
 def _masked_mul(grad: torch.Tensor, packed: torch.Tensor, start: int) -> None:
-    """``grad *= bits [start, start + grad.numel())`` of ``packed``. On the CPU in chunks: one pass over a
-    buffer-sized uint8 temporary costs as much again as the multiply (measured 2x at 25M entries)."""
+    """``grad *= bits [start, start + grad.numel())`` of ``packed``. On the CPU fp32 one pass of the native
+    kernel (``pmp/native.py``); otherwise eager, in chunks: one pass over a buffer-sized uint8 temporary
+    costs as much again as the multiply (measured 2x at 25M entries)."""
     if grad.is_cuda:
         grad.mul_(bitmask.unpack_bits(packed, start, grad.numel()))
+        return
+    if native.masked_mul_(grad, packed, start):
         return
     for lo in range(0, grad.numel(), _CPU_CHUNK):
         hi = min(grad.numel(), lo + _CPU_CHUNK)

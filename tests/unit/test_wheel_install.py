@@ -3,7 +3,7 @@ into a fresh venv (torch and the other dependencies are borrowed from this inter
 through a ``.pth`` line, not reinstalled) and its console scripts run from a directory outside the source
 tree: ``pmp-launch --dry-run`` (the sbatch template and a ``configs/...`` recipe come from the wheel),
 ``pmp-preprocess`` (.bin/.idx from a tiny JSONL), ``pmp-pretrain --print-config``, ``pmp-quickstart --help``
-and ``pmp-import-hf --help``."""
+and ``pmp-import-hf --help``; and the CPU gradient-mask kernel builds from the C source the wheel carries."""
 
 from __future__ import annotations
 
@@ -85,6 +85,14 @@ def test_the_installed_package_is_the_wheel(venv, elsewhere):
     assert source_tree == "None"
     assert (Path(data_root) / "slurm" / "pretrain.sbatch").is_file()
     assert (Path(data_root) / "configs" / "model" / "debug.yaml").is_file()
+
+
+def test_the_wheel_carries_the_cpu_mask_kernel_and_it_builds(venv, elsewhere):
+    env = {**_clean_env(), "PMP_NATIVE_CACHE": str(elsewhere / "native")}
+    out = _sh([str(venv / "bin" / "python"), "-c", "from pmp_megatron.pmp import native; "
+               "print(native._SOURCE, native.library() is not None)"], elsewhere, env).stdout.split()
+    assert Path(out[0]).is_relative_to(venv) and out[1] == "True", out
+    assert len(list((elsewhere / "native").glob("masked_mul-*.so"))) == 1
 
 
 def test_launch_dry_run_renders_from_the_wheel(venv, elsewhere):
