@@ -18,6 +18,9 @@ same base config):
   their logarithms), so slow drifts of the machine cancel. Medians per variant are reported too, of
   wall-clock time (the headline) and of process CPU time (less sensitive to other jobs on a shared
   machine).
+- **Data.** Every step gets fresh random tokens (step ``k``'s batch is the same for both variants). One
+  batch repeated every step would be memorised, by the dense model faster, which then stops clipping its
+  gradients (a pass over them) while PMP still clips. The steps clipped per variant are printed.
 - **Full Trainer step.** ``Trainer.train`` itself, fed synthetic batches through its batch source (no
   checkpoints, no eval), for both variants with the same states, again in alternating blocks. Its
   ``on_step`` callback stamps the end of each iteration, so one timed iteration is exactly one pass of
@@ -223,13 +226,21 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     cfg_dense = cfgs["dense"]
     vocab = cfg_dense.model.vocab_size
     num_micro, mbs = cfg_dense.num_microbatches(world), cfg_dense.train.micro_batch_size
-    batches = synthetic_batches(cfg_dense, num_micro * mcore.dp_size(), mbs, seed=0)
-    batches = batches[mcore.dp_rank()::mcore.dp_size()]
+    gbs = cfg_dense.train.global_batch_size
 
-    def same_batches(split, consumed):
-        return itertools.repeat(batches)
+    def step_batches(step: int) -> list[dict]:
+        """This DP rank's microbatches of global step ``step``: fresh random tokens every step, the same
+        for both variants (a batch repeated every step is memorised, and the dense model, which learns
+        it faster, then stops clipping its gradients while PMP still clips: work the variants would not
+        share in real training)."""
+        every = synthetic_batches(cfg_dense, num_micro * mcore.dp_size(), mbs, seed=step)
+        return every[mcore.dp_rank()::mcore.dp_size()]
 
-    trainers = {v: Trainer(cfg, batches=same_batches) for v, cfg in cfgs.items()}
+    def fresh_batches(split, consumed):
+        return (step_batches(step) for step in itertools.count(consumed // gbs))
+
+    batches = step_batches(0)
+    trainers = {v: Trainer(cfg, batches=fresh_batches) for v, cfg in cfgs.items()}
     dense = trainers["dense"].build()
     infos = shard_infos(dense.model, vocab)
     n_params = torch.tensor([sum(i.numel() for _, i in infos.values() if i.counted)], dtype=torch.float64)
@@ -273,6 +284,7 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     # gradient mask runs inside finalize_model_grads (in forward_backward); it is timed on its own by
     # running it once more after each PMP step (idempotent: the gradients are masked already).
     parts: dict[str, dict[str, list]] = {v: {k: [] for k in PARTS} for v in VARIANTS}
+    grad_norms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     mask_t: list[float] = []
     stamps: list[tuple[float, float]] = []
 
@@ -283,10 +295,11 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
         state, cfg = states[variant], cfgs[variant]
         out = []
         for _ in range(n):
+            data = step_batches(state.iteration)
             mcore.barrier()
             stamps.clear()
             stamp()
-            train_step(state.model, state.optimizer, batches, cfg, after_backward=stamp)
+            result = train_step(state.model, state.optimizer, data, cfg, after_backward=stamp)
             stamp()
             state.scheduler.step(1)
             stamp()
@@ -295,6 +308,7 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
                 state.rule.after_step(state.iteration)
             stamp()
             out.append(_since(stamps[0], stamps[-1]))
+            grad_norms[variant].append(float(result.grad_norm))
             for k, a, b in zip(PARTS, stamps, stamps[1:], strict=False):
                 parts[variant][k].append(_since(a, b))
             if state.rule is not None:
@@ -308,6 +322,8 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     hooks = {"mask_grads": mask_t[-steps:],
              "after_step": [wall for wall, _ in parts["pmp"]["after_step"][-steps:]]}
     parts = {v: {k: ts[-steps:] for k, ts in by_part.items()} for v, by_part in parts.items()}
+    clip = cfg_dense.optim.clip_grad
+    clipped = {v: sum(g > clip for g in norms[-steps:]) if clip > 0 else 0 for v, norms in grad_norms.items()}
 
     # --- The Trainer's own loop (Trainer.train), the same states, synthetic data, no checkpoints or eval.
     # ``on_step`` stamps the end of every iteration; a block runs one iteration more than it times, so
@@ -343,7 +359,8 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
                 flops=megatron_flops(cfg_dense, cfg_dense.train.global_batch_size), world=world,
                 device=str(mcore.device()),
                 density=density, select=sel_t, fwd_bwd=fb_t, stage2=stage2, trainer=trainer, hooks=hooks,
-                parts=parts, opt_ops=opt_ops, optimizer_state=optimizer_state,
+                parts=parts, opt_ops=opt_ops, optimizer_state=optimizer_state, clipped=clipped,
+                clip_grad=cfg_dense.optim.clip_grad,
                 **storage)
 
 
@@ -470,7 +487,7 @@ def summarize(name: str, ranks: list[dict], steps: int, warmup: int, block: int)
     r0 = ranks[0]
     out = dict(name=name, steps=steps, warmup=warmup,
                **{k: r0[k] for k in ("params", "num_micro", "mbs", "seq", "density", "flops", "world",
-                                     "device")})
+                                     "device", "clipped", "clip_grad")})
     local_params = sum(r["local_params"] for r in ranks)
     out["mask_bytes_per_param"] = sum(r["mask_bytes"] for r in ranks) / local_params
     out["mask_bits_per_param"] = 8 * out["mask_bytes_per_param"]
@@ -564,6 +581,10 @@ def print_table(results: list[dict], args) -> None:
         top = ", ".join(f"{op} {1e3 * d:.1f} -> {1e3 * p:.1f} ({1e3 * (p - d):+.1f})"
                         for op, d, p in r["opt_ops"])
         print(f"    optimizer.step ops, largest PMP-dense difference (1 profiled step, self CPU ms): {top}")
+        if r["clip_grad"] > 0:
+            print(f"    steps clipped (global grad norm > optim.clip_grad={r['clip_grad']:g}; the clip is a "
+                  f"pass over the gradients): dense {r['clipped']['dense']}/{r['steps']}, PMP "
+                  f"{r['clipped']['pmp']}/{r['steps']}")
         sel, fb = _median_ms(r["select"]), _median_ms(r["fwd_bwd"])
         print(f"{f'Stage-I selection (global_topk_masks) [n={len(r["select"])}]':<{w}}{'':>10}{sel:>10.2f}"
               f"   / forward+backward {fb:.2f} ms = {r['select_over_backward']:.4f}")
