@@ -6,7 +6,8 @@ at the floor. It is plain C (no Python or torch headers), built with the system 
 (``$CC``, else ``cc``/``gcc``) in well under a second into a cache directory (``$PMP_NATIVE_CACHE``, else
 ``$XDG_CACHE_HOME/pmp_megatron/native``, else ``~/.cache/pmp_megatron/native``), one file per source
 hash, compiler and machine; the write is atomic, so ranks starting together may each build it and any of
-them wins. Loaded with ctypes, which releases the GIL during the call.
+them wins. Loaded with ctypes, which releases the GIL during the call: with several torch threads
+(``torch.get_num_threads``) a large range is cut into one piece per thread.
 
 If there is no compiler, the build fails or ``PMP_NATIVE=0``, ``masked_mul_`` returns False (with one
 warning) and the caller uses eager torch: the same product, bit for bit, only slower.
@@ -18,11 +19,13 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -94,5 +97,21 @@ def masked_mul_(grad: torch.Tensor, packed: torch.Tensor, start: int, table: boo
         return False
     assert 0 <= start and start + grad.numel() <= 8 * packed.numel(), (start, grad.numel(), packed.numel())
     fn = lib.pmp_masked_mul_f32_table if table else lib.pmp_masked_mul_f32
-    fn(grad.data_ptr(), packed.data_ptr(), start, grad.numel())
+    n, threads = grad.numel(), torch.get_num_threads()
+    if threads == 1 or n < _PARALLEL_MIN:
+        fn(grad.data_ptr(), packed.data_ptr(), start, n)
+        return True
+    # torch's intra-op threads: one piece each (ctypes releases the GIL; the pieces share no entry)
+    size, bytes_per = math.ceil(n / threads), grad.element_size()
+    pieces = [(grad.data_ptr() + lo * bytes_per, packed.data_ptr(), start + lo, min(size, n - lo))
+              for lo in range(0, n, size)]
+    list(_pool(threads).map(lambda args: fn(*args), pieces))
     return True
+
+
+_PARALLEL_MIN = 1 << 22  # entries below which one thread does the range
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="pmp-mask")

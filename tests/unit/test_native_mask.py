@@ -1,6 +1,7 @@
 """The CPU gradient-mask kernel (``pmp/native.py``, ``pmp/csrc/masked_mul.c``) gives eager torch's
 ``grad.mul_(unpacked bits)`` bit for bit, on both of its paths (AVX2 and the table), from any bit offset
-and for any length; and without a compiler the mask still works, eagerly, with one warning."""
+and for any length, in one piece or cut across threads; and without a compiler the mask still works,
+eagerly, with one warning."""
 
 from __future__ import annotations
 
@@ -98,3 +99,21 @@ def test_pmp_native_0_turns_the_kernel_off(fresh_library, monkeypatch):
     assert native.library() is None
     assert not native.masked_mul_(torch.ones(8), bitmask.pack(torch.ones(8, dtype=torch.bool)), 0)
     assert not fresh_library.exists()
+
+
+def test_several_torch_threads_cut_a_large_range_into_pieces(fresh_library, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    n = native._PARALLEL_MIN + 12345
+    grad, mask = torch.randn(n, generator=gen), torch.rand(n + 5, generator=gen) < 0.5
+    packed = bitmask.pack(mask)
+    calls = []
+    lib = native.library()
+    kernel = lib.pmp_masked_mul_f32
+    monkeypatch.setattr(lib, "pmp_masked_mul_f32", lambda *args: calls.append(args[2:]) or kernel(*args))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    out = grad.clone()
+    assert native.masked_mul_(out, packed, 5)
+    assert torch.equal(out.view(torch.int32), grad.mul(mask[5:]).view(torch.int32))
+    size = -(-n // 3)
+    assert sorted(calls) == [(5, size), (5 + size, size), (5 + 2 * size, n - 2 * size)]
+
