@@ -29,10 +29,10 @@ same base config):
 - **Where the PMP overhead goes.** ``MaskedUpdate.after_step`` is timed on every PMP step, and
   ``MaskedUpdate.mask_grads`` by running it once more after each PMP step (idempotent: the gradients are
   masked already); each Stage-II step is also split by call (zero + forward-backward, optimizer step,
-  scheduler step, after_step), and one ``optimizer.step`` per variant is profiled op by op at the end
-  (the three ops with the largest PMP-dense difference are printed). On CPU, for example, ``aten::sqrt``
-  is several times slower on exact zeros, and the masked complement's Adam second moments are exactly
-  zero.
+  scheduler step, after_step), and the ``optimizer.step`` of one more step per variant is profiled op by
+  op at the end (the three ops with the largest PMP-dense difference are printed). On CPU, for example,
+  ``aten::sqrt`` is several times slower on exact zeros, and the masked complement's Adam second moments
+  are exactly zero.
 - **Mask storage, measured.** The bytes of mask storage the PMP build leaves alive in the process: every
   live bool or uint8 tensor (the packed masks of ``pmp/bitmask.py`` are uint8) is found through the
   garbage collector after ``build`` (each storage once), less those alive before it (the selection's own
@@ -341,15 +341,21 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     log(f"Trainer.train, dense vs PMP ({steps} timed each, blocks of {block})")
     trainer = _interleave(trainer_block, steps, 0, block)
 
-    # --- One profiled optimizer.step per variant (op-level self CPU time), to attribute a difference in
-    # optimizer.step to its ops. It re-applies the last gradients; nothing is timed after it.
-    log("profiling one optimizer.step per variant")
+    # --- The optimizer.step of one more real step per variant (its next batch), profiled op by op (self CPU
+    # time), to attribute a difference in optimizer.step to its ops. Nothing is timed after it.
+    log("profiling the optimizer.step of one more step per variant")
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" error line on CPU
     opt_ops = {}
     for variant, state in states.items():
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        data = step_batches(state.iteration)
         mcore.barrier()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            state.optimizer.step()
+        train_step(state.model, state.optimizer, data, cfgs[variant], after_backward=prof.start)
+        prof.stop()  # started once the gradients were reduced (and masked): the optimizer.step only
+        state.scheduler.step(1)
+        state.iteration += 1
+        if state.rule is not None:
+            state.rule.after_step(state.iteration)
         opt_ops[variant] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     log("measurements done")
     optimizer_state = {v: _optimizer_state(state.optimizer, [p for c in state.model for p in c.parameters()])
