@@ -291,22 +291,30 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     def stamp():
         stamps.append(_clock())
 
-    def stage2_block(variant, n):
+    def step_once(variant, mark):
+        """One Stage-II step of ``variant`` on its next batch (the Trainer loop's body), calling ``mark()``
+        at its start (after a barrier), once the gradients are reduced and masked, after ``train_step``,
+        after ``scheduler.step`` and after ``after_step``."""
         state, cfg = states[variant], cfgs[variant]
+        data = step_batches(state.iteration)
+        mcore.barrier()
+        mark()
+        result = train_step(state.model, state.optimizer, data, cfg, after_backward=mark)
+        mark()
+        state.scheduler.step(1)
+        mark()
+        state.iteration += 1
+        if state.rule is not None:
+            state.rule.after_step(state.iteration)
+        mark()
+        return result
+
+    def stage2_block(variant, n):
+        state = states[variant]
         out = []
         for _ in range(n):
-            data = step_batches(state.iteration)
-            mcore.barrier()
             stamps.clear()
-            stamp()
-            result = train_step(state.model, state.optimizer, data, cfg, after_backward=stamp)
-            stamp()
-            state.scheduler.step(1)
-            stamp()
-            state.iteration += 1
-            if state.rule is not None:
-                state.rule.after_step(state.iteration)
-            stamp()
+            result = step_once(variant, stamp)
             out.append(_since(stamps[0], stamps[-1]))
             grad_norms[variant].append(float(result.grad_norm))
             for k, a, b in zip(PARTS, stamps, stamps[1:], strict=False):
@@ -346,16 +354,11 @@ def _worker(name: str, overrides: list[str], tp: int, dp: int, rho: float, compl
     log("profiling the optimizer.step of one more step per variant")
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" error line on CPU
     opt_ops = {}
-    for variant, state in states.items():
+    for variant in states:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        data = step_batches(state.iteration)
-        mcore.barrier()
-        train_step(state.model, state.optimizer, data, cfgs[variant], after_backward=prof.start)
-        prof.stop()  # started once the gradients were reduced (and masked): the optimizer.step only
-        state.scheduler.step(1)
-        state.iteration += 1
-        if state.rule is not None:
-            state.rule.after_step(state.iteration)
+        # step_once's marks: start, gradients reduced (and masked), train_step done, ...: the optimizer.step
+        marks = iter([lambda: None, prof.start, prof.stop, lambda: None, lambda: None])
+        step_once(variant, lambda marks=marks: next(marks)())
         opt_ops[variant] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     log("measurements done")
     optimizer_state = {v: _optimizer_state(state.optimizer, [p for c in state.model for p in c.parameters()])

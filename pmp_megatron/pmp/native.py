@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "masked_mul.c"
 _FLAGS = ("-O3", "-shared", "-fPIC")
 _SIGNATURE = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+_PARALLEL_MIN = 1 << 22  # entries below which one thread does the range
 
 
 def cache_dir() -> Path:
@@ -108,8 +109,6 @@ def masked_mul_(grad: torch.Tensor, packed: torch.Tensor, start: int, table: boo
     list(_pool(threads).map(lambda args: fn(*args), pieces))
     return True
 
-
-_PARALLEL_MIN = 1 << 22  # entries below which one thread does the range
 
 
 @functools.cache
